@@ -1,0 +1,89 @@
+"""The `a2k` command line: classify, train and demo, each running its Prefect flow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="a2k", description="GPU batch image classification to Parquet.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("classify", help="classify a folder of images (or a .parquet manifest) into Parquet")
+    c.add_argument("input", help="folder of images (recursive) or .parquet manifest with a 'uri' column")
+    c.add_argument("output", help="folder for the Parquet dataset")
+    c.add_argument("--model", required=True, help="model directory, or NAME[/VERSION] in the model store")
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--shard-size", type=int, default=4096)
+    c.add_argument("--top-k", type=int, default=5)
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    c.add_argument("--num-threads", type=int, default=None, help="DALI CPU threads (default: cores, at most 8)")
+    c.add_argument("--hw-decoder-load", type=float, default=0.65, help="share of JPEGs for the hardware decoder")
+    c.add_argument("--overwrite", action="store_true", help="replace parts in OUTPUT left by another input or model")
+    c.add_argument("--model-store", default=None, help="model store folder (default: $A2K_HOME/models)")
+
+    t = sub.add_parser("train", help="train a classifier on <root>/<class>/<file> and save a model version")
+    t.add_argument("dataset")
+    t.add_argument("--arch", default="seed-cnn")
+    t.add_argument("--name", required=True)
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--learning-rate", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-fraction", type=float, default=0.15)
+    t.add_argument("--test-fraction", type=float, default=0.15)
+    t.add_argument("--flip-probability", type=float, default=0.5)
+    t.add_argument("--image-size", type=int, default=None)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--num-threads", type=int, default=None)
+    t.add_argument("--model-store", default=None)
+
+    d = sub.add_parser("demo", help="digits dataset -> train seed-cnn -> classify the test split -> accuracy")
+    d.add_argument("--workdir", default=None, help="default: $A2K_HOME/demo")
+    d.add_argument("--epochs", type=int, default=10)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--model-store", default=None)
+    return p
+
+
+def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "command"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.exceptions import ParameterTypeError
+    from pydantic import ValidationError
+
+    try:
+        if args.command == "classify":
+            from flows.classify_images import classify_images
+
+            s = classify_images(**_kwargs(args))
+            print(f"{s['predicted']} predicted, {s['errors']} errors of {s['listed']} images, "
+                  f"{s['images_per_second']} images/s on {s['device']}")
+            print(f"predictions: {s['output']}  (errors in {s['output']}/_errors)")
+        elif args.command == "train":
+            from flows.train_model import train_model
+
+            r = train_model(**_kwargs(args))
+            print(json.dumps(r, indent=2))
+        elif args.command == "demo":
+            from flows.demo import demo
+
+            r = demo(**_kwargs(args))
+            acc = r["accuracy"]
+            print()
+            print(f"test accuracy (from the Parquet): {acc['accuracy']:.2%} ({acc['correct']}/{acc['labelled']})")
+            print(f"classify throughput:             {r['images_per_second']} images/s")
+            print(f"model:                           {r['model_dir']}")
+            print(f"predictions:                     {r['output']}")
+    except (ValueError, FileNotFoundError, ParameterTypeError, ValidationError) as e:
+        print(f"a2k: error: {e}", file=sys.stderr)
+        return 2
+    return 0

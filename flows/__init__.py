@@ -1,0 +1,1 @@
+"""Prefect flows: wiring only; the work is in `tasks/`."""

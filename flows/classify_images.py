@@ -1,0 +1,137 @@
+"""The `classify-images` flow: a folder (or manifest) of images in, a Parquet dataset of predictions out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from a2k.devices import resolve_device
+from a2k.home import models_dir
+from flows.params import BatchSize, DeviceSpec, HwDecoderLoad, ShardSize, Threads, TopK
+from tasks.classify import RunContext, classify_shard_task, part_key
+from tasks.manifest import list_images_task, make_shards
+from tasks.models import read_entry, resolve_model_dir
+from tasks.report import commit_run, resumed_outcome, summary_markdown
+from tasks.sink import committed_parts, part_name, remove_parts
+
+import pyarrow.parquet as pq
+
+MANIFEST_FILE = "_a2k/manifest.parquet"  # under "_", so dataset readers and "*.parquet" globs skip it
+
+
+class ClassifyImagesConfig(BaseModel):
+    """The checked parameters of one run; built at the flow's start, before any work."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str
+    output: str
+    model: str
+    batch_size: BatchSize
+    shard_size: ShardSize
+    top_k: TopK
+    device: DeviceSpec
+    num_threads: Threads | None
+    hw_decoder_load: HwDecoderLoad
+    overwrite: bool
+    model_store: str
+
+    @field_validator("input")
+    @classmethod
+    def _input_exists(cls, v: str) -> str:
+        if not Path(v).expanduser().exists():
+            raise ValueError(f"input {v!r} does not exist; give a folder of images or a .parquet manifest")
+        return str(Path(v).expanduser().resolve())
+
+    @field_validator("output")
+    @classmethod
+    def _output_writable(cls, v: str) -> str:
+        path = Path(v).expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"output {v!r} exists and is not a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / ".a2k-write-probe"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"output {v!r} is not writable: {e.strerror or e}") from None
+        return str(path)
+
+
+@flow(name="classify-images")
+def classify_images(
+    input: str,
+    output: str,
+    model: str,
+    batch_size: BatchSize = 256,
+    shard_size: ShardSize = 4096,
+    top_k: TopK = 5,
+    device: DeviceSpec = "auto",
+    num_threads: Threads | None = None,
+    hw_decoder_load: HwDecoderLoad = 0.65,
+    overwrite: bool = False,
+    model_store: str | None = None,
+) -> dict[str, Any]:
+    """Classify every image under `input` with `model` and write Parquet parts to `output`.
+
+    `model` is a model directory or NAME[/VERSION] in the model store. Shards already committed in
+    `output` by an earlier run of the same model and settings are kept, not redone.
+    """
+    log = get_run_logger()
+    cfg = ClassifyImagesConfig(
+        input=input, output=output, model=model, batch_size=batch_size, shard_size=shard_size, top_k=top_k,
+        device=device, num_threads=num_threads, hw_decoder_load=hw_decoder_load, overwrite=overwrite,
+        model_store=model_store or str(models_dir()),
+    )
+    model_dir = str(resolve_model_dir(cfg.model, cfg.model_store))
+    entry = read_entry(model_dir)
+    dev = resolve_device(cfg.device)
+    ctx = RunContext(entry.name, entry.version, entry.weights_sha256, str(flow_run.id), cfg.top_k)
+    log.info("model %s v%s from %s on %s", entry.name, entry.version, model_dir, dev)
+
+    t0 = time.perf_counter()
+    manifest_path = str(Path(cfg.output) / MANIFEST_FILE)
+    listed = list_images_task(cfg.input, manifest_path)
+    shards = make_shards(pq.read_table(manifest_path, columns=["uri", "bytes", "mtime_ns"]), cfg.shard_size)
+    keys = [part_key(s, entry, cfg.top_k) for s in shards]
+    stage = {"list": time.perf_counter() - t0, "decode_infer": 0.0, "write": 0.0}
+
+    existing = committed_parts(cfg.output)
+    stale = existing - {part_name(k) for k in keys}
+    if stale and not cfg.overwrite:
+        raise ValueError(
+            f"output {cfg.output!r} holds {len(stale)} part(s) from another input, model or setting "
+            f"(e.g. {sorted(stale)[0]}); choose an empty output or pass overwrite=True to replace them"
+        )
+    remove_parts(cfg.output, stale)
+
+    outcomes = []
+    for shard, key in zip(shards, keys):
+        if part_name(key) in existing:
+            outcomes.append(resumed_outcome(cfg.output, shard.index, part_name(key)))
+            continue
+        outcome = classify_shard_task(
+            manifest_path, shard, cfg.output, key, model_dir, entry.weights_sha256, str(dev),
+            cfg.batch_size, cfg.num_threads, cfg.hw_decoder_load, ctx,
+        )
+        stage["decode_infer"] += outcome.decode_infer_seconds
+        stage["write"] += outcome.write_seconds
+        outcomes.append(outcome)
+
+    summary = commit_run(
+        cfg.output, listed, outcomes, ctx, stage,
+        extra={"input": cfg.input, "output": cfg.output, "device": str(dev), "model_dir": model_dir},
+    )
+    create_markdown_artifact(summary_markdown(summary), key="classify-images-summary", description="a2k run summary")
+    log.info(
+        "%d images: %d predicted, %d errors, %s images/s; predictions in %s",
+        listed, summary["predicted"], summary["errors"], summary["images_per_second"], cfg.output,
+    )
+    return summary

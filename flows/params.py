@@ -1,0 +1,18 @@
+"""Parameter types shared by the flows: each constraint is written once and checked by pydantic."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
+
+from a2k.devices import check_device_spec
+
+BatchSize = Annotated[int, Field(ge=1, le=8192, description="images per GPU/CPU batch")]
+ShardSize = Annotated[int, Field(ge=1, le=1_000_000, description="images per shard (one task and one Parquet part each)")]
+TopK = Annotated[int, Field(ge=1, le=1000, description="how many best classes to keep per image")]
+DeviceSpec = Annotated[str, AfterValidator(check_device_spec), Field(description="auto, cpu, cuda or cuda:N")]
+Threads = Annotated[int, Field(ge=1, le=256, description="DALI CPU threads")]
+Epochs = Annotated[int, Field(ge=1, le=10_000)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+HwDecoderLoad = Annotated[float, Field(ge=0.0, le=1.0, description="share of JPEG decoding on the GPU's hardware decoder")]

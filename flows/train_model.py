@@ -1,0 +1,115 @@
+"""The `train-model` flow: train an architecture on a labelled image folder and save a model version."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from a2k.devices import resolve_device
+from a2k.home import models_dir
+from flows.params import BatchSize, DeviceSpec, Epochs, Fraction, Threads
+from tasks.models import check_model_name, default_preprocessing, list_architectures, next_version_dir
+from tasks.preprocess import Preprocessing
+from tasks.train import TrainConfig, split_dataset_task, train_classifier_task
+
+
+class TrainModelConfig(BaseModel):
+    """The checked parameters of one training run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str
+    arch: str
+    name: str
+    epochs: Epochs
+    batch_size: BatchSize
+    learning_rate: float = Field(gt=0, le=10)
+    seed: int
+    val_fraction: Fraction
+    test_fraction: Fraction
+    flip_probability: float = Field(ge=0, le=1)
+    image_size: int | None = Field(ge=8, le=1024)
+    device: DeviceSpec
+    num_threads: Threads | None
+    model_store: str
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_is_folder(cls, v: str) -> str:
+        path = Path(v).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"dataset {v!r} is not a folder; lay it out as <root>/<class>/<file>")
+        return str(path.resolve())
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_known(cls, v: str) -> str:
+        if v not in list_architectures():
+            raise ValueError(f"architecture {v!r} is not known; available: {', '.join(list_architectures())}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name_valid(cls, v: str) -> str:
+        return check_model_name(v)
+
+    def preprocessing(self) -> Preprocessing:
+        """The architecture's default preprocessing, scaled to `image_size` when one is given."""
+        pre = default_preprocessing(self.arch)
+        if self.image_size is None:
+            return pre
+        resize = round(self.image_size * pre.resize / pre.crop)
+        return Preprocessing(**{**pre.to_dict(), "crop": self.image_size, "resize": resize})
+
+
+@flow(name="train-model")
+def train_model(
+    dataset: str,
+    name: str,
+    arch: str = "seed-cnn",
+    epochs: Epochs = 10,
+    batch_size: BatchSize = 64,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    val_fraction: Fraction = 0.15,
+    test_fraction: Fraction = 0.15,
+    flip_probability: float = 0.5,
+    image_size: int | None = None,
+    device: DeviceSpec = "auto",
+    num_threads: Threads | None = None,
+    model_store: str | None = None,
+) -> dict[str, Any]:
+    """Train `arch` on `dataset` (<root>/<class>/<file>) with a seeded train/val/test split and save it
+    as the next version of `name` in the model store; returns the model directory and its metrics."""
+    cfg = TrainModelConfig(
+        dataset=dataset, arch=arch, name=name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, flip_probability=flip_probability,
+        image_size=image_size, device=device, num_threads=num_threads, model_store=model_store or str(models_dir()),
+    )
+    dev = resolve_device(cfg.device)
+    pre = cfg.preprocessing()
+    train_cfg = TrainConfig(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed,
+        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, flip_probability=cfg.flip_probability,
+    )
+    model_dir = str(next_version_dir(cfg.name, cfg.model_store))
+    get_run_logger().info("training %s as %s v%s on %s", cfg.arch, cfg.name, Path(model_dir).name, dev)
+    counts = split_dataset_task(cfg.dataset, model_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    lineage = {
+        "recipe": "train",
+        "parent": None,
+        "dataset": cfg.dataset,
+        "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
+                  "counts": counts, "manifests": {s: f"splits/{s}.parquet" for s in counts}},
+        "train_config": asdict(train_cfg),
+        "device": str(dev),
+        "run_id": str(flow_run.id),
+    }
+    metrics = train_classifier_task(model_dir, cfg.name, cfg.arch, pre, train_cfg, str(dev), cfg.num_threads, lineage)
+    return {"model_dir": model_dir, "name": cfg.name, "version": Path(model_dir).name, "metrics": metrics,
+            "split_counts": counts}

@@ -1,0 +1,237 @@
+"""Read image bytes and decode them with NVIDIA DALI: one pipeline definition for GPU (mixed) and CPU.
+
+Bad files never stop a batch: a cheap header check refuses what is plainly not a decodable image,
+and when DALI still fails on a batch, the batch is bisected until the failing files are isolated
+and every good file is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import torch
+from PIL import Image
+
+from a2k.devices import Device
+from tasks.preprocess import Augmentation, Preprocessing, pil_preprocess
+
+log = logging.getLogger(__name__)
+
+# Formats DALI's image decoder reads (PIL's names for them); anything else is refused before decoding.
+DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "JPEG2000", "PPM"})
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class ErrorKind(str, Enum):
+    """Why an image has no prediction; one row of the errors table each."""
+
+    EMPTY = "empty"
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED = "truncated"
+    CORRUPT = "corrupt"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED = "unsupported"
+    UNREADABLE = "unreadable"
+    VANISHED = "vanished"
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: ErrorKind
+    message: str
+
+
+def read_image(uri: str) -> bytes | Failure:
+    """The file's bytes, or the reason they cannot be had."""
+    try:
+        with open(uri, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return Failure(ErrorKind.VANISHED, f"file vanished after it was listed: {uri}")
+    except PermissionError as e:
+        return Failure(ErrorKind.UNREADABLE, f"permission denied: {e.strerror}")
+    except IsADirectoryError:
+        return Failure(ErrorKind.UNREADABLE, "is a directory, not a file")
+    except OSError as e:
+        return Failure(ErrorKind.UNREADABLE, f"read failed: {e}")
+
+
+def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Failure | None:
+    """Refuse, from the header alone, what DALI should never be handed: empty, non-image, unsupported, huge."""
+    if not data:
+        return Failure(ErrorKind.EMPTY, "file is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, (width, height) = im.format, im.size
+    except Image.DecompressionBombError as e:
+        return Failure(ErrorKind.TOO_LARGE, str(e))
+    except Image.UnidentifiedImageError:
+        return Failure(ErrorKind.NOT_AN_IMAGE, "not a recognised image format (the header matches none)")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for garbage; all mean "not an image"
+        return Failure(ErrorKind.NOT_AN_IMAGE, f"not a recognised image: {type(e).__name__}: {e}")
+    if fmt not in DALI_FORMATS:
+        return Failure(ErrorKind.UNSUPPORTED, f"format {fmt} is not decoded; supported: {', '.join(sorted(DALI_FORMATS))}")
+    if width * height > max_pixels:
+        return Failure(ErrorKind.TOO_LARGE, f"{width}x{height} is over the limit of {max_pixels} pixels")
+    if width < 1 or height < 1:
+        return Failure(ErrorKind.CORRUPT, f"header says {width}x{height}")
+    return None
+
+
+def load_blobs(uris: list[str], pool: ThreadPoolExecutor, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[bytes | Failure]:
+    """Read and header-check many files at once on a thread pool; order follows `uris`."""
+
+    def _one(uri: str) -> bytes | Failure:
+        data = read_image(uri)
+        if isinstance(data, Failure):
+            return data
+        return check_header(data, max_pixels) or data
+
+    return list(pool.map(_one, uris))
+
+
+def _rescue(data: bytes, pre: Preprocessing, dali_message: str) -> torch.Tensor | Failure:
+    """A file DALI refused on its own: decode it with Pillow if Pillow can, else say why neither could."""
+    try:
+        return pil_preprocess(data, pre)
+    except OSError as e:
+        kind = ErrorKind.TRUNCATED if "truncated" in str(e).lower() else ErrorKind.CORRUPT
+        return Failure(kind, f"cannot decode: {e}")
+    except Exception as e:  # noqa: BLE001 - any Pillow failure on bad data is a corrupt file, not a crash
+        detail = dali_message.strip().splitlines()[-1] if dali_message.strip() else ""
+        return Failure(ErrorKind.CORRUPT, f"cannot decode: {type(e).__name__}: {e}; DALI: {detail}"[:500])
+
+
+def _image_pipeline(pre: Preprocessing, decode_device: str, augment: Augmentation | None, hw_decoder_load: float):
+    """The one DALI graph: encoded bytes -> decode -> resize shorter side -> crop -> normalize, CHW."""
+    from nvidia.dali import fn, types
+
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+    decoder_args = {"hw_decoder_load": hw_decoder_load} if decode_device == "mixed" else {}
+    color = types.RGB if pre.channels == 3 else types.GRAY
+    images = fn.decoders.image(encoded, device=decode_device, output_type=color, **decoder_args)
+    images = fn.resize(images, resize_shorter=pre.resize, interp_type=pre.interpolation.dali, antialias=pre.antialias)
+    crop_args = {"crop_pos_x": 0.5, "crop_pos_y": 0.5}
+    if augment is not None:
+        crop_args = {"crop_pos_x": fn.random.uniform(range=(0.0, 1.0)), "crop_pos_y": fn.random.uniform(range=(0.0, 1.0))}
+        if augment.flip_probability > 0:
+            crop_args["mirror"] = fn.random.coin_flip(probability=augment.flip_probability)
+    return fn.crop_mirror_normalize(
+        images,
+        crop=(pre.crop, pre.crop),
+        mean=[m * 255.0 for m in pre.mean],
+        std=[s * 255.0 for s in pre.std],
+        dtype=types.FLOAT16 if decode_device == "mixed" else types.FLOAT,
+        output_layout="CHW",
+        **crop_args,
+    )
+
+
+@dataclass
+class DecodedBatch:
+    """Decoded images of the inputs at `ok` (in order), and the inputs that failed with why."""
+
+    images: torch.Tensor
+    ok: list[int]
+    failures: dict[int, Failure]
+
+
+class ImageDecoder:
+    """Decodes batches of encoded images with DALI on `device` (mixed GPU decoding, or CPU operators).
+
+    Output is a [n, C, crop, crop] tensor on the device: fp16 on CUDA, fp32 on the CPU.
+    """
+
+    def __init__(
+        self,
+        pre: Preprocessing,
+        device: Device,
+        max_batch_size: int,
+        num_threads: int | None = None,
+        augment: Augmentation | None = None,
+        hw_decoder_load: float = 0.65,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size {max_batch_size!r} must be at least 1")
+        self.pre, self.device, self.max_batch_size = pre, device, max_batch_size
+        self.num_threads = num_threads or min(os.cpu_count() or 1, 8)
+        self.augment, self.hw_decoder_load = augment, hw_decoder_load
+        self._pipe = None
+        self._builds = 0
+        self._dtype = torch.float16 if device.is_cuda else torch.float32
+
+    def _build(self):
+        from nvidia.dali import pipeline_def
+
+        seed = (self.augment.seed + self._builds) if self.augment else 0
+        self._builds += 1
+        pipe = pipeline_def(_image_pipeline)(
+            self.pre,
+            "mixed" if self.device.is_cuda else "cpu",
+            self.augment,
+            self.hw_decoder_load,
+            batch_size=self.max_batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device.dali_device_id,
+            prefetch_queue_depth=1,
+            seed=seed,
+        )
+        pipe.build()
+        return pipe
+
+    def _run(self, blobs: list[bytes]) -> torch.Tensor:
+        if self._pipe is None:
+            self._pipe = self._build()
+        self._pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
+        (out,) = self._pipe.run()
+        if self.device.is_cuda:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            dense = out.as_tensor()
+            target = torch.empty(dense.shape(), dtype=torch.float16, device=self.device.torch_device)
+            feed_ndarray(dense, target, cuda_stream=torch.cuda.current_stream(self.device.torch_device))
+            return target
+        return torch.from_numpy(np.array(out.as_tensor()))
+
+    def decode(self, blobs: list[bytes]) -> DecodedBatch:
+        """Decode up to `max_batch_size` images; a failing file is isolated by bisection, never fatal."""
+        if len(blobs) > self.max_batch_size:
+            raise ValueError(f"{len(blobs)} images given; this decoder takes at most {self.max_batch_size}")
+        tensors: list[torch.Tensor] = []
+        ok: list[int] = []
+        failures: dict[int, Failure] = {}
+        self._decode_range(blobs, list(range(len(blobs))), tensors, ok, failures)
+        if tensors:
+            images = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+        else:
+            images = torch.empty((0, *self.pre.input_shape), dtype=self._dtype, device=self.device.torch_device)
+        return DecodedBatch(images=images, ok=ok, failures=failures)
+
+    def _decode_range(self, blobs, positions, tensors, ok, failures) -> None:
+        if not positions:
+            return
+        try:
+            tensors.append(self._run([blobs[p] for p in positions]))
+            ok.extend(positions)
+            return
+        except RuntimeError as e:
+            # DALI's GPU decoder can leave the pipeline unusable after an error: start a fresh one
+            self._pipe = None
+            if len(positions) == 1:
+                rescued = _rescue(blobs[positions[0]], self.pre, str(e))
+                if isinstance(rescued, Failure):
+                    failures[positions[0]] = rescued
+                else:
+                    log.warning("DALI could not decode image %d of the batch; decoded it with Pillow", positions[0])
+                    tensors.append(rescued.unsqueeze(0).to(self.device.torch_device, self._dtype))
+                    ok.append(positions[0])
+                return
+        half = len(positions) // 2
+        self._decode_range(blobs, positions[:half], tensors, ok, failures)
+        self._decode_range(blobs, positions[half:], tensors, ok, failures)

@@ -1,0 +1,220 @@
+"""Train a classifier on an image folder through the same DALI loader the classify path uses."""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+
+from a2k.devices import Device
+from tasks.decode import Failure, ImageDecoder, load_blobs
+from tasks.models import build_model
+from tasks.preprocess import Augmentation, Preprocessing
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run; recorded with the model it makes."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    flip_probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs {self.epochs!r} and batch_size {self.batch_size!r} must be at least 1")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate {self.learning_rate!r} must be positive")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(
+                f"val_fraction {self.val_fraction!r} and test_fraction {self.test_fraction!r} must be in (0, 1) "
+                "and leave some images for training"
+            )
+
+
+def split_manifest(manifest: pa.Table, val_fraction: float, test_fraction: float, seed: int) -> dict[str, pa.Table]:
+    """A seeded split, stratified by label: each class is shuffled and cut into train / val / test."""
+    if manifest.column("label").null_count:
+        raise ValueError("training needs a label for every image: lay the dataset out as <root>/<class>/<file>")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(manifest.column("label").to_pylist(), dtype=object)
+    picks: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for label in sorted(set(labels)):
+        rows = np.flatnonzero(labels == label)
+        rng.shuffle(rows)
+        n_test = max(1, round(len(rows) * test_fraction))
+        n_val = max(1, round(len(rows) * val_fraction))
+        if len(rows) < n_test + n_val + 1:
+            raise ValueError(f"class {label!r} has {len(rows)} images; it needs at least {n_test + n_val + 1} to split")
+        picks["test"] += rows[:n_test].tolist()
+        picks["val"] += rows[n_test : n_test + n_val].tolist()
+        picks["train"] += rows[n_test + n_val :].tolist()
+    return {s: manifest.take(sorted(picks[s])) for s in SPLITS}
+
+
+class _Batches:
+    """Decoded, labelled batches of a manifest; bad files are skipped and counted."""
+
+    def __init__(self, table: pa.Table, class_index: dict[str, int], decoder: ImageDecoder, readers: ThreadPoolExecutor):
+        self.uris = table.column("uri").to_pylist()
+        self.targets = np.asarray([class_index[v] for v in table.column("label").to_pylist()], dtype=np.int64)
+        self.decoder, self.readers = decoder, readers
+        self.skipped: set[str] = set()
+
+    def __iter__(self):
+        return self.iterate(np.arange(len(self.uris)))
+
+    def iterate(self, order: np.ndarray):
+        size = self.decoder.max_batch_size
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            blobs = load_blobs([self.uris[i] for i in rows], self.readers)
+            good = [(i, b) for i, b in zip(rows, blobs) if not isinstance(b, Failure)]
+            decoded = self.decoder.decode([b for _, b in good]) if good else None
+            self.skipped |= {self.uris[i] for i, b in zip(rows, blobs) if isinstance(b, Failure)}
+            if decoded is None or not decoded.ok:
+                continue
+            self.skipped |= {self.uris[good[p][0]] for p in decoded.failures}
+            target = torch.from_numpy(self.targets[[good[p][0] for p in decoded.ok]])
+            yield decoded.images.float(), target.to(decoded.images.device)
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, batches: _Batches) -> float:
+    model.eval()
+    correct = total = 0
+    for images, target in batches:
+        correct += (model(images).argmax(dim=1) == target).sum().item()
+        total += len(target)
+    return correct / total if total else float("nan")
+
+
+def train_classifier(
+    splits: dict[str, pa.Table],
+    arch: str,
+    pre: Preprocessing,
+    cfg: TrainConfig,
+    device: Device,
+    num_threads: int | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[nn.Module, list[str], dict[str, Any]]:
+    """Train `arch` on splits['train']; report accuracy on 'val' each epoch (to `on_epoch`) and on 'test' at the end."""
+    torch.manual_seed(cfg.seed)
+    class_names = sorted(pc.unique(splits["train"].column("label")).to_pylist())
+    class_index = {c: i for i, c in enumerate(class_names)}
+    model = build_model(arch, len(class_names), pre).to(device.torch_device)
+    readers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="a2k-train-read")
+    train_decoder = ImageDecoder(
+        pre, device, cfg.batch_size, num_threads, augment=Augmentation(cfg.flip_probability, seed=cfg.seed)
+    )
+    eval_decoder = ImageDecoder(pre, device, cfg.batch_size, num_threads)
+    train = _Batches(splits["train"], class_index, train_decoder, readers)
+    val = _Batches(splits["val"], class_index, eval_decoder, readers)
+    test = _Batches(splits["test"], class_index, eval_decoder, readers)
+
+    steps = cfg.epochs * math.ceil(splits["train"].num_rows / cfg.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.learning_rate, total_steps=steps)
+    loss_fn = nn.CrossEntropyLoss()
+    rng = np.random.default_rng(cfg.seed)
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+        for images, target in train.iterate(rng.permutation(len(train.uris))):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images), target)
+            loss.backward()
+            optimizer.step()
+            if schedule.last_epoch + 1 < steps:
+                schedule.step()
+            loss_sum += loss.item() * len(target)
+            seen += len(target)
+        val_acc = accuracy(model, val)
+        history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1), "val_accuracy": val_acc,
+                        "seconds": time.perf_counter() - t0})
+        if on_epoch:
+            on_epoch(history[-1])
+    metrics = {
+        "train_loss": history[-1]["loss"],
+        "val_accuracy": history[-1]["val_accuracy"],
+        "test_accuracy": accuracy(model, test),
+    }
+    skipped = sorted(train.skipped | val.skipped | test.skipped)
+    report = {"metrics": metrics, "history": history, "skipped_images": skipped, "config": asdict(cfg)}
+    readers.shutdown()
+    return model.eval().cpu(), class_names, report
+
+
+def split_counts(splits: dict[str, pa.Table]) -> dict[str, int]:
+    return {s: t.num_rows for s, t in splits.items()}
+
+
+def splits_dir(model_dir: str | Path) -> Path:
+    return Path(model_dir) / "splits"
+
+
+# --- Prefect tasks -------------------------------------------------------------------------------
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="split-dataset", cache_policy=NO_CACHE)
+def split_dataset_task(dataset: str, model_dir: str, val_fraction: float, test_fraction: float, seed: int) -> dict[str, int]:
+    """List the dataset, split it, and store the three manifests with the model; returns the counts."""
+    from prefect import get_run_logger
+
+    from tasks.manifest import list_images, write_manifest
+
+    splits = split_manifest(list_images(dataset), val_fraction, test_fraction, seed)
+    for name, table in splits.items():
+        write_manifest(table, splits_dir(model_dir) / f"{name}.parquet")
+    counts = split_counts(splits)
+    get_run_logger().info("split %s (seed %d): %s", dataset, seed, counts)
+    return counts
+
+
+@task(name="train-classifier", cache_policy=NO_CACHE)
+def train_classifier_task(
+    model_dir: str, name: str, arch: str, pre: Preprocessing, cfg: TrainConfig, device: str,
+    num_threads: int | None, lineage: dict[str, Any],
+) -> dict[str, float]:
+    """Train on the stored splits and save the model directory; returns the metrics."""
+    import pyarrow.parquet as pq
+    from prefect import get_run_logger
+
+    from a2k.devices import resolve_device
+    from tasks.models import save_model_dir
+
+    logger = get_run_logger()
+    splits = {s: pq.read_table(splits_dir(model_dir) / f"{s}.parquet") for s in SPLITS}
+    model, class_names, report = train_classifier(
+        splits, arch, pre, cfg, resolve_device(device), num_threads,
+        on_epoch=lambda row: logger.info("epoch %(epoch)d: loss %(loss).4f, val accuracy %(val_accuracy).4f (%(seconds).1fs)", row),
+    )
+    if report["skipped_images"]:
+        logger.warning("%d images could not be decoded and were left out: %s", len(report["skipped_images"]),
+                       report["skipped_images"][:5])
+    lineage = {**lineage, "history": report["history"], "skipped_images": report["skipped_images"]}
+    entry = save_model_dir(
+        model, model_dir, name=name, version=Path(model_dir).name, architecture=arch, class_names=class_names,
+        preprocessing=pre, metrics=report["metrics"], lineage=lineage,
+    )
+    logger.info("saved %s v%s to %s: %s", entry.name, entry.version, model_dir, report["metrics"])
+    return report["metrics"]
