@@ -108,6 +108,30 @@ def _rescue(data: bytes, pre: Preprocessing, dali_message: str) -> torch.Tensor 
         return Failure(ErrorKind.CORRUPT, f"cannot decode: {type(e).__name__}: {e}; DALI: {detail}"[:500])
 
 
+def _torchvision_size(images, size: int):
+    """Output (height, width) that torchvision's Resize(size) gives: the shorter side becomes `size`
+    and the longer one floor(size * long / short); DALI's own `resize_shorter` rounds instead."""
+    from nvidia.dali import fn, math as dmath, types
+
+    shape = fn.cast(images.shape(), dtype=types.FLOAT)  # HWC, on the CPU even for GPU images
+    height, width = shape[0], shape[1]
+    short = dmath.min(height, width)
+    # + 1e-3 guards exact integers against float rounding below them
+    return dmath.floor(height * size / short + 1e-3), dmath.floor(width * size / short + 1e-3)
+
+
+def _torchvision_crop_pos(length, crop: int):
+    """crop_pos for DALI that puts the crop where torchvision's CenterCrop does: at round((L - crop) / 2)
+    with Python's round-half-to-even (DALI rounds halves up, one pixel off for odd margins)."""
+    from nvidia.dali import math as dmath
+
+    margin = dmath.max(length - crop, 0.0)
+    half = dmath.floor(margin / 2)
+    odd_margin = margin - 2 * half
+    odd_half = half - 2 * dmath.floor(half / 2)
+    return (half + odd_margin * odd_half) / dmath.max(margin, 1.0)
+
+
 def _image_pipeline(pre: Preprocessing, decode_device: str, augment: Augmentation | None, hw_decoder_load: float):
     """The one DALI graph: encoded bytes -> decode -> resize shorter side -> crop -> normalize, CHW."""
     from nvidia.dali import fn, types
@@ -116,8 +140,11 @@ def _image_pipeline(pre: Preprocessing, decode_device: str, augment: Augmentatio
     decoder_args = {"hw_decoder_load": hw_decoder_load} if decode_device == "mixed" else {}
     color = types.RGB if pre.channels == 3 else types.GRAY
     images = fn.decoders.image(encoded, device=decode_device, output_type=color, **decoder_args)
-    images = fn.resize(images, resize_shorter=pre.resize, interp_type=pre.interpolation.dali, antialias=pre.antialias)
-    crop_args = {"crop_pos_x": 0.5, "crop_pos_y": 0.5}
+    height, width = _torchvision_size(images, pre.resize)
+    images = fn.resize(
+        images, resize_y=height, resize_x=width, interp_type=pre.interpolation.dali, antialias=pre.antialias
+    )
+    crop_args = {"crop_pos_x": _torchvision_crop_pos(width, pre.crop), "crop_pos_y": _torchvision_crop_pos(height, pre.crop)}
     if augment is not None:
         crop_args = {"crop_pos_x": fn.random.uniform(range=(0.0, 1.0)), "crop_pos_y": fn.random.uniform(range=(0.0, 1.0))}
         if augment.flip_probability > 0:

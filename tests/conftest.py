@@ -1,0 +1,86 @@
+"""Shared fixtures: a Prefect test server for the session, real images, small real models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+IMAGENET_SAMPLE = SHARED / "imagenet-sample"
+ODD_IMAGES = SHARED / "odd-images"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """One temporary Prefect server (SQLite) for the whole session, as Prefect's testing guide does."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def a2k_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own A2K_HOME, so nothing touches ~/.a2k."""
+    home = tmp_path / "a2k-home"
+    monkeypatch.setenv("A2K_HOME", str(home))
+    return home
+
+
+def photo_paths(n: int) -> list[Path]:
+    paths = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[:n]
+    if len(paths) < n:
+        pytest.fail(f"expected {n} photos in {IMAGENET_SAMPLE}; found {len(paths)}")
+    return paths
+
+
+@pytest.fixture
+def photos_dir(tmp_path) -> Path:
+    """Nine real photographs in two class folders (5 + 4)."""
+    root = tmp_path / "photos"
+    for i, src in enumerate(photo_paths(9)):
+        dest = root / ("birds" if i < 5 else "fish") / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
+    return root
+
+
+@pytest.fixture
+def truncated_jpeg(tmp_path) -> bytes:
+    data = photo_paths(1)[0].read_bytes()
+    return data[: len(data) // 3]
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    from tasks.demo_data import write_digits_dataset
+
+    return write_digits_dataset(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture(scope="session")
+def seed_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised seed-cnn for two classes (its predictions are arbitrary but deterministic)."""
+    from tasks.models import build_model, default_preprocessing, save_model_dir
+
+    torch.manual_seed(0)
+    pre = default_preprocessing("seed-cnn")
+    directory = tmp_path_factory.mktemp("models") / "seed" / "1"
+    save_model_dir(build_model("seed-cnn", 2, pre), directory, name="seed", version="1", architecture="seed-cnn",
+                   class_names=["birds", "fish"], preprocessing=pre)
+    return directory

@@ -1,0 +1,88 @@
+import json
+
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from prefect.exceptions import ParameterTypeError
+
+from flows.classify_images import classify_images
+from tasks.sink import PREDICTION_SCHEMA
+
+
+@pytest.fixture
+def with_bad_files(photos_dir, truncated_jpeg):
+    (photos_dir / "fish" / "cut.jpg").write_bytes(truncated_jpeg)
+    (photos_dir / "notes.JPG").write_text("not an image")
+    return photos_dir
+
+
+def test_flow_writes_a_dataset_that_pandas_and_duckdb_read_as_is(with_bad_files, seed_model_dir, tmp_path):
+    out = tmp_path / "out"
+    summary = classify_images(input=str(with_bad_files), output=str(out), model=str(seed_model_dir), batch_size=4,
+                              shard_size=4, top_k=2, device="cpu")
+    assert (summary["listed"], summary["predicted"], summary["errors"]) == (11, 9, 2)
+    assert len(list(out.glob("part-*.parquet"))) == 3  # ceil(11 / 4) shards, one part each
+
+    df = pd.read_parquet(out)
+    assert len(df) == 9 and df["image_uri"].is_unique
+    assert pq.read_schema(next(out.glob("part-*.parquet"))).remove_metadata() == PREDICTION_SCHEMA
+    assert set(df["true_label"]) == {"birds", "fish"} and set(df["model_name"]) == {"seed"}
+    assert df["run_id"].nunique() == 1 and str(df["processed_at"].dtype) == "datetime64[us, UTC]"
+    assert duckdb.sql(f"SELECT count(*) FROM '{out}/*.parquet'").fetchall() == [(9,)]
+
+    errors = pd.read_parquet(out / "_errors")
+    assert dict(zip(errors["image_uri"].str.rsplit("/", n=1).str[1], errors["kind"])) == {
+        "cut.jpg": "truncated", "notes.JPG": "not_an_image"}
+
+    marker = json.loads((out / "_a2k_run.json").read_text())
+    assert marker["listed"] == marker["predicted"] + marker["errors"] == 11
+    assert marker["model"]["sha256"] == df["model_sha256"].iloc[0]
+
+
+def test_a_second_run_keeps_committed_shards_and_duplicates_nothing(photos_dir, seed_model_dir, tmp_path):
+    out = tmp_path / "out"
+    first = classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), shard_size=4, device="cpu")
+    part = sorted(out.glob("part-*.parquet"))[1]
+    part.unlink()  # as if the run had died before this shard
+    second = classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), shard_size=4, device="cpu")
+    assert second["resumed_shards"] == 2 and second["processed_this_run"] == 4
+    df = pd.read_parquet(out)
+    assert len(df) == 9 and df["image_uri"].is_unique
+    assert set(first["parts"]) == set(second["parts"])
+
+
+def test_parts_from_another_input_are_refused_unless_overwrite(photos_dir, seed_model_dir, tmp_path):
+    out = tmp_path / "out"
+    classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), device="cpu")
+    (sorted(photos_dir.rglob("*.JPEG"))[0]).unlink()
+    with pytest.raises(ValueError, match="holds 1 part\\(s\\) from another input, model or setting"):
+        classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), device="cpu")
+    summary = classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), device="cpu",
+                              overwrite=True)
+    assert summary["listed"] == 8 and len(pd.read_parquet(out)) == 8
+
+
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        ({"batch_size": 0}, ParameterTypeError, "batch_size"),
+        ({"top_k": -1}, ParameterTypeError, "top_k"),
+        ({"device": "gpu2"}, ParameterTypeError, "device 'gpu2' is not one of: auto, cpu, cuda, cuda:N"),
+        ({"device": "cuda:3"}, ValueError, "device 'cuda:3' not found; available: auto, cpu"),
+        ({"input": "/no/such/folder"}, ValueError, "input '/no/such/folder' does not exist"),
+        ({"model": "no-such-model"}, FileNotFoundError, "'no-such-model' is neither a model directory"),
+    ],
+)
+def test_bad_parameters_stop_the_run_before_any_work(photos_dir, seed_model_dir, tmp_path, override, error, message):
+    params = {"input": str(photos_dir), "output": str(tmp_path / "out"), "model": str(seed_model_dir), "device": "cpu"}
+    with pytest.raises(error, match=message):
+        classify_images(**{**params, **override})
+    assert not list((tmp_path / "out").glob("**/*.parquet"))
+
+
+def test_unwritable_output_is_refused(photos_dir, seed_model_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        classify_images(input=str(photos_dir), output=str(blocker), model=str(seed_model_dir), device="cpu")

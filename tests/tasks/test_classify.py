@@ -1,0 +1,58 @@
+import pytest
+
+from a2k.devices import Device, resolve_device
+from tasks.classify import RunContext, ShardClassifier
+from tasks.manifest import list_images
+from tasks.sink import ERROR_SCHEMA, PREDICTION_SCHEMA
+
+CTX = RunContext("seed", "1", "abc", "run-1", top_k=2)
+
+
+@pytest.fixture
+def labelled(photos_dir, truncated_jpeg):
+    (photos_dir / "fish" / "cut.jpg").write_bytes(truncated_jpeg)
+    (photos_dir / "fish" / "fake.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(500))
+    (photos_dir / "fish" / "empty.png").write_bytes(b"")
+    table = list_images(photos_dir)
+    return table.column("uri").to_pylist(), table.column("label").to_pylist()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 11, 64])
+def test_every_image_lands_in_exactly_one_table_for_any_batch_size(seed_model_dir, labelled, batch_size):
+    uris, labels = labelled
+    worker = ShardClassifier(str(seed_model_dir), "cpu", batch_size, num_threads=2)
+    predictions, errors, _ = worker.run(uris, labels, CTX)
+    assert predictions.schema == PREDICTION_SCHEMA and errors.schema == ERROR_SCHEMA
+    got = predictions.column("image_uri").to_pylist() + errors.column("image_uri").to_pylist()
+    assert sorted(got) == sorted(uris) and len(got) == len(set(got)) == 12
+    assert {u.rsplit("/", 1)[1]: k for u, k in zip(errors.column("image_uri").to_pylist(),
+                                                    errors.column("kind").to_pylist())} == {
+        "cut.jpg": "truncated", "fake.jpg": "not_an_image", "empty.png": "empty"}
+
+
+def test_predictions_do_not_depend_on_the_batch_size(seed_model_dir, labelled):
+    uris, labels = labelled
+    runs = [ShardClassifier(str(seed_model_dir), "cpu", b, 2).run(uris, labels, CTX)[0] for b in (2, 7)]
+    a, b = (r.select(["image_uri", "label", "topk_labels"]).to_pylist() for r in runs)
+    assert a == b
+    scores = [r.column("score").to_numpy() for r in runs]
+    assert abs(scores[0] - scores[1]).max() < 1e-5
+
+
+def test_rows_carry_true_label_topk_and_model_identity(seed_model_dir, labelled):
+    uris, labels = labelled
+    predictions, _, _ = ShardClassifier(str(seed_model_dir), "cpu", 4, 2).run(uris, labels, CTX)
+    row = predictions.to_pylist()[0]
+    assert row["true_label"] == "birds" and row["label"] == row["topk_labels"][0]
+    assert len(row["topk_labels"]) == 2 and row["score"] == pytest.approx(row["topk_scores"][0])
+    assert sorted(row["topk_labels"]) == ["birds", "fish"] and sum(row["topk_scores"]) == pytest.approx(1, abs=1e-5)
+    assert (row["model_name"], row["model_version"], row["run_id"]) == ("seed", "1", "run-1")
+    assert row["processed_at"].tzinfo is not None
+
+
+def test_device_strings_are_checked():
+    assert resolve_device("cpu") == Device("cpu")
+    with pytest.raises(ValueError, match="device 'gpu2' is not one of: auto, cpu, cuda, cuda:N"):
+        resolve_device("gpu2")
+    with pytest.raises(ValueError, match=r"device 'cuda:7' not found; available: auto, cpu"):
+        resolve_device("cuda:7")

@@ -1,0 +1,161 @@
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from a2k.devices import Device
+from tasks.decode import ErrorKind, Failure, ImageDecoder, check_header, load_blobs, read_image
+from tasks.preprocess import Preprocessing, pil_preprocess
+from tests.conftest import ODD_IMAGES, photo_paths
+
+CPU = Device("cpu")
+# Measured: DALI's CPU path and Pillow + torchvision agree to within one intensity level per pixel
+# (libjpeg-turbo decodes identically; resize and crop are aligned to torchvision's rounding).
+MAX_LEVELS, MEAN_LEVELS = 1.5, 0.4
+
+
+def _levels(a: torch.Tensor, b: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """|a - b| in 0..255 intensity levels, undoing the normalisation."""
+    return (a.float() - b.float()).abs() * torch.tensor(pre.std).view(1, -1, 1, 1) * 255
+
+
+@pytest.mark.parametrize(
+    "pre",
+    [Preprocessing(), Preprocessing(resize=36, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3),
+     Preprocessing(resize=160, crop=128, interpolation="bicubic")],
+    ids=["imagenet-224", "small-32", "bicubic-128"],
+)
+def test_dali_cpu_matches_the_pil_torchvision_reference(pre):
+    blobs = [p.read_bytes() for p in photo_paths(24)]
+    out = ImageDecoder(pre, CPU, 24).decode(blobs)
+    assert out.ok == list(range(24)) and not out.failures
+    assert out.images.shape == (24, 3, pre.crop, pre.crop) and out.images.dtype == torch.float32
+    ref = torch.stack([pil_preprocess(b, pre) for b in blobs])
+    diff = _levels(out.images, ref, pre)
+    tolerance = MAX_LEVELS if pre.interpolation.value == "bilinear" else 8.0  # cubic kernels differ at edges
+    assert diff.max() <= tolerance, diff.max()
+    assert diff.mean() <= MEAN_LEVELS, diff.mean()
+
+
+def test_grayscale_preprocessing_gives_one_channel_matching_the_reference(digits_dir):
+    pre = Preprocessing(resize=36, crop=32, mean=(0.5,), std=(0.5,), channels=1)
+    blobs = [p.read_bytes() for p in sorted(digits_dir.rglob("*.png"))[:16]]
+    out = ImageDecoder(pre, CPU, 16).decode(blobs)
+    ref = torch.stack([pil_preprocess(b, pre) for b in blobs])
+    assert out.images.shape == (16, 1, 32, 32)
+    assert _levels(out.images, ref, pre).max() <= MAX_LEVELS
+
+
+def test_a_corrupt_file_is_isolated_and_the_rest_of_the_batch_decoded(truncated_jpeg):
+    good = [p.read_bytes() for p in photo_paths(7)]
+    garbage = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4  # a JPEG signature and nothing decodable behind it
+    blobs = good[:3] + [truncated_jpeg] + good[3:5] + [garbage] + good[5:]
+    pre = Preprocessing()
+    out = ImageDecoder(pre, CPU, len(blobs)).decode(blobs)
+    assert set(out.failures) == {3, 6} or set(out.failures) == {6}, out.failures
+    # a truncated JPEG may be rescued by Pillow (it fills the missing rows) or refused; never lost
+    assert sorted(out.ok + list(out.failures)) == list(range(len(blobs)))
+    assert out.failures[6].kind in (ErrorKind.CORRUPT, ErrorKind.TRUNCATED)
+    expected = ImageDecoder(pre, CPU, 8).decode(good).images
+    kept_good = [out.ok.index(i) for i in (0, 1, 2, 4, 5, 7, 8)]
+    assert torch.equal(out.images[kept_good], expected)
+
+
+def test_truncated_png_is_reported_as_truncated():
+    data = (ODD_IMAGES / "truncated_image.png").read_bytes()
+    out = ImageDecoder(Preprocessing(), CPU, 2).decode([data, photo_paths(1)[0].read_bytes()])
+    assert out.ok == [1]
+    assert out.failures[0].kind == ErrorKind.TRUNCATED, out.failures[0]
+
+
+def test_batches_smaller_than_the_maximum_are_not_padded():
+    blobs = [p.read_bytes() for p in photo_paths(5)]
+    decoder = ImageDecoder(Preprocessing(), CPU, 4)
+    assert decoder.decode(blobs[:4]).images.shape[0] == 4
+    assert decoder.decode(blobs[4:]).images.shape[0] == 1
+    with pytest.raises(ValueError, match="at most 4"):
+        decoder.decode(blobs)
+
+
+def _png(mode: str, size=(16, 12)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (b"", ErrorKind.EMPTY),
+        (b"this is a text file, not a JPEG", ErrorKind.NOT_AN_IMAGE),
+        ((ODD_IMAGES / "dispose_bgnd_rgba.gif").read_bytes(), ErrorKind.UNSUPPORTED),
+    ],
+    ids=["empty", "text", "gif"],
+)
+def test_header_check_refuses_what_dali_should_not_see(data, kind):
+    failure = check_header(data)
+    assert isinstance(failure, Failure) and failure.kind == kind
+
+
+def test_header_check_refuses_images_over_the_pixel_limit():
+    assert check_header(_png("RGB"), max_pixels=16 * 12) is None
+    failure = check_header(_png("RGB"), max_pixels=16 * 12 - 1)
+    assert failure.kind == ErrorKind.TOO_LARGE and "16x12" in failure.message
+
+
+def test_read_image_reports_vanished_and_unreadable_files(tmp_path):
+    assert read_image(str(tmp_path / "gone.jpg")).kind == ErrorKind.VANISHED
+    assert read_image(str(tmp_path)).kind == ErrorKind.UNREADABLE
+
+
+def test_every_odd_file_ends_decoded_or_with_a_reason():
+    files = sorted(p for p in ODD_IMAGES.iterdir() if p.suffix != ".md")
+    with ThreadPoolExecutor(4) as pool:
+        blobs = load_blobs([str(p) for p in files], pool)
+    good = [i for i, b in enumerate(blobs) if not isinstance(b, Failure)]
+    out = ImageDecoder(Preprocessing(), CPU, len(files)).decode([blobs[i] for i in good])
+    decoded = {files[good[p]].name for p in out.ok}
+    refused = {files[i].name for i, b in enumerate(blobs) if isinstance(b, Failure)} | {
+        files[good[p]].name for p in out.failures}
+    assert decoded | refused == {p.name for p in files} and not decoded & refused
+    assert {"hopper.jpg", "flower.webp", "pil123rgba.png", "hopper_rle8_grayscale.bmp"} <= decoded
+    assert "dispose_bgnd_rgba.gif" in refused
+    assert torch.isfinite(out.images).all()
+
+
+def test_training_augmentation_is_random_but_seeded():
+    from tasks.preprocess import Augmentation
+
+    blobs = [p.read_bytes() for p in photo_paths(4)]
+    pre = Preprocessing(resize=64, crop=48)
+    a = ImageDecoder(pre, CPU, 4, augment=Augmentation(0.5, seed=3)).decode(blobs).images
+    b = ImageDecoder(pre, CPU, 4, augment=Augmentation(0.5, seed=3)).decode(blobs).images
+    c = ImageDecoder(pre, CPU, 4).decode(blobs).images
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.gpu
+def test_mixed_gpu_decoding_matches_the_cpu_path():
+    pre = Preprocessing()
+    blobs = [p.read_bytes() for p in photo_paths(64)]
+    gpu = ImageDecoder(pre, Device("cuda", 0), 64).decode(blobs)
+    cpu = ImageDecoder(pre, CPU, 64).decode(blobs)
+    assert gpu.images.is_cuda and gpu.images.dtype == torch.float16
+    diff = _levels(gpu.images.cpu(), cpu.images, pre)
+    # nvJPEG's IDCT and fp16 output differ from libjpeg-turbo by a few levels at most
+    assert diff.mean() <= 1.0, diff.mean()
+    assert np.percentile(diff.numpy(), 99.9) <= 8, np.percentile(diff.numpy(), 99.9)
+
+
+@pytest.mark.gpu
+def test_gpu_decoder_survives_a_corrupt_file(truncated_jpeg):
+    good = [p.read_bytes() for p in photo_paths(6)]
+    blobs = good[:3] + [b"\xff\xd8\xff\xe0" + bytes(1000)] + good[3:]
+    decoder = ImageDecoder(Preprocessing(), Device("cuda", 0), 8)
+    out = decoder.decode(blobs)
+    assert out.ok == [0, 1, 2, 4, 5, 6] and set(out.failures) == {3}
+    assert decoder.decode(good).images.shape[0] == 6  # the rebuilt pipeline keeps working
