@@ -14,13 +14,11 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from a2k.devices import resolve_device
 from a2k.home import models_dir
 from flows.params import BatchSize, DeviceSpec, HwDecoderLoad, ShardSize, Threads, TopK
-from tasks.classify import RunContext, classify_shard_task, part_key
-from tasks.manifest import list_images_task, make_shards
+from tasks.classify import RunContext, classify_shard_task
+from tasks.commit import commit_run, plan_shards, resumed_outcome, summary_markdown
+from tasks.manifest import list_images_task
 from tasks.models import read_entry, resolve_model_dir
-from tasks.report import commit_run, resumed_outcome, summary_markdown
-from tasks.sink import committed_parts, part_name, remove_parts
-
-import pyarrow.parquet as pq
+from tasks.sink import part_name
 
 MANIFEST_FILE = "_a2k/manifest.parquet"  # under "_", so dataset readers and "*.parquet" globs skip it
 
@@ -99,34 +97,18 @@ def classify_images(
     t0 = time.perf_counter()
     manifest_path = str(Path(cfg.output) / MANIFEST_FILE)
     listed = list_images_task(cfg.input, manifest_path)
-    shards = make_shards(pq.read_table(manifest_path, columns=["uri", "bytes", "mtime_ns"]), cfg.shard_size)
-    keys = [part_key(s, entry, cfg.top_k) for s in shards]
-    stage = {"list": time.perf_counter() - t0, "decode_infer": 0.0, "write": 0.0}
+    plan = plan_shards(manifest_path, cfg.shard_size, entry, cfg.top_k, cfg.output, cfg.overwrite)
+    list_seconds = time.perf_counter() - t0
 
-    existing = committed_parts(cfg.output)
-    stale = existing - {part_name(k) for k in keys}
-    if stale and not cfg.overwrite:
-        raise ValueError(
-            f"output {cfg.output!r} holds {len(stale)} part(s) from another input, model or setting "
-            f"(e.g. {sorted(stale)[0]}); choose an empty output or pass overwrite=True to replace them"
-        )
-    remove_parts(cfg.output, stale)
-
-    outcomes = []
-    for shard, key in zip(shards, keys):
-        if part_name(key) in existing:
-            outcomes.append(resumed_outcome(cfg.output, shard.index, part_name(key)))
-            continue
-        outcome = classify_shard_task(
-            manifest_path, shard, cfg.output, key, model_dir, entry.weights_sha256, str(dev),
+    outcomes = [
+        resumed_outcome(cfg.output, p.shard.index, part_name(p.key)) if p.committed else classify_shard_task(
+            manifest_path, p.shard, cfg.output, p.key, model_dir, entry.weights_sha256, str(dev),
             cfg.batch_size, cfg.num_threads, cfg.hw_decoder_load, ctx,
         )
-        stage["decode_infer"] += outcome.decode_infer_seconds
-        stage["write"] += outcome.write_seconds
-        outcomes.append(outcome)
-
+        for p in plan
+    ]
     summary = commit_run(
-        cfg.output, listed, outcomes, ctx, stage,
+        cfg.output, listed, outcomes, ctx, list_seconds,
         extra={"input": cfg.input, "output": cfg.output, "device": str(dev), "model_dir": model_dir},
     )
     create_markdown_artifact(summary_markdown(summary), key="classify-images-summary", description="a2k run summary")

@@ -13,7 +13,7 @@ from flows.classify_images import classify_images
 from flows.params import DeviceSpec, Epochs
 from flows.train_model import train_model
 from tasks.demo_data import write_digits_dataset
-from tasks.report import accuracy_from_predictions
+from tasks.evaluate import accuracy_from_predictions
 
 
 @task(name="write-digits-dataset", cache_policy=NO_CACHE)

@@ -1,15 +1,45 @@
-"""Close a classify run: check that every listed image is accounted for, write the commit marker, report."""
+"""Plan a classify run against what its output already holds, and close it: check that every listed
+image is accounted for, write the commit marker, summarise."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
-from tasks.classify import RunContext, ShardOutcome
-from tasks.sink import ERRORS_DIR, read_part_rows, write_run_marker
+from tasks.classify import RunContext, ShardOutcome, part_key
+from tasks.manifest import Shard, make_shards
+from tasks.models import ModelEntry
+from tasks.sink import ERRORS_DIR, committed_parts, part_name, read_part_rows, remove_parts, write_run_marker
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    shard: Shard
+    key: str
+    committed: bool  # its part is already in the output from an earlier run
+
+
+def plan_shards(
+    manifest_path: str, shard_size: int, entry: ModelEntry, top_k: int, output: str, overwrite: bool
+) -> list[PlannedShard]:
+    """Shard the manifest and match each shard to its part in `output`.
+
+    Parts in `output` that belong to no shard of this plan (another input, model or setting) would mix
+    two runs in one dataset: refused, or removed when `overwrite` is set.
+    """
+    shards = make_shards(pq.read_table(manifest_path, columns=["uri", "bytes", "mtime_ns"]), shard_size)
+    keys = [part_key(s, entry, top_k) for s in shards]
+    existing = committed_parts(output)
+    stale = existing - {part_name(k) for k in keys}
+    if stale and not overwrite:
+        raise ValueError(
+            f"output {output!r} holds {len(stale)} part(s) from another input, model or setting "
+            f"(e.g. {sorted(stale)[0]}); choose an empty output or pass overwrite=True to replace them"
+        )
+    remove_parts(output, stale)
+    return [PlannedShard(s, k, part_name(k) in existing) for s, k in zip(shards, keys)]
 
 
 def resumed_outcome(output: str, index: int, part: str) -> ShardOutcome:
@@ -26,7 +56,7 @@ def resumed_outcome(output: str, index: int, part: str) -> ShardOutcome:
 
 
 def commit_run(
-    output: str, listed: int, outcomes: list[ShardOutcome], ctx: RunContext, stage_seconds: dict[str, float], extra: dict[str, Any]
+    output: str, listed: int, outcomes: list[ShardOutcome], ctx: RunContext, list_seconds: float, extra: dict[str, Any]
 ) -> dict[str, Any]:
     """Check listed == predicted + errors, then write the marker; a mismatch fails the run loudly."""
     predicted = sum(o.predicted for o in outcomes)
@@ -37,7 +67,12 @@ def commit_run(
             "the output is incomplete; no commit marker written"
         )
     processed = sum(o.predicted + o.errors for o in outcomes if not o.resumed)
-    busy = stage_seconds.get("decode_infer", 0.0) + stage_seconds.get("write", 0.0)
+    stage_seconds = {
+        "list": list_seconds,
+        "decode_infer": sum(o.decode_infer_seconds for o in outcomes),
+        "write": sum(o.write_seconds for o in outcomes),
+    }
+    busy = stage_seconds["decode_infer"] + stage_seconds["write"]
     summary = {
         "status": "committed",
         "run_id": ctx.run_id,
@@ -55,15 +90,6 @@ def commit_run(
     }
     summary["marker"] = write_run_marker(output, summary)
     return summary
-
-
-def accuracy_from_predictions(output: str) -> dict[str, float | int]:
-    """Top-1 accuracy over the rows that carry a true label, read back from the Parquet dataset."""
-    table = ds.dataset(output, format="parquet").to_table(columns=["label", "true_label"])
-    labelled = table.filter(pc.is_valid(table["true_label"]))
-    correct = pc.sum(pc.equal(labelled["label"], labelled["true_label"])).as_py() or 0
-    n = labelled.num_rows
-    return {"rows": table.num_rows, "labelled": n, "correct": correct, "accuracy": correct / n if n else float("nan")}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -85,7 +111,3 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     ]
     lines += [f"| seconds: {k} | {v} |" for k, v in secs.items()]
     return "\n".join(lines) + "\n"
-
-
-def outcome_dict(o: ShardOutcome) -> dict[str, Any]:
-    return asdict(o)
