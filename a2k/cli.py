@@ -1,4 +1,4 @@
-"""The `a2k` command line: classify, train and demo, each running its Prefect flow."""
+"""The `a2k` command line: each command runs a Prefect flow or a registry verb."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from a2k import cli_models
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="a2k", description="GPU batch image classification to Parquet.")
@@ -16,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="classify a folder of images (or a .parquet manifest) into Parquet")
     c.add_argument("input", help="folder of images (recursive) or .parquet manifest with a 'uri' column")
     c.add_argument("output", help="folder for the Parquet dataset")
-    c.add_argument("--model", required=True, help="model directory, or NAME[/VERSION] in the model store")
+    c.add_argument("--model", required=True,
+                   help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest, NAME (= @production) or a folder")
     c.add_argument("--batch-size", type=int, default=256)
     c.add_argument("--shard-size", type=int, default=4096)
     c.add_argument("--top-k", type=int, default=5)
@@ -24,9 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--num-threads", type=int, default=None, help="DALI CPU threads (default: cores, at most 8)")
     c.add_argument("--hw-decoder-load", type=float, default=0.65, help="share of JPEGs for the hardware decoder")
     c.add_argument("--overwrite", action="store_true", help="replace parts in OUTPUT left by another input or model")
-    c.add_argument("--model-store", default=None, help="model store folder (default: $A2K_HOME/models)")
+    c.add_argument("--registry", default=None, help="registry folder or s3:// URL (default: $A2K_REGISTRY or $A2K_HOME/models)")
 
-    t = sub.add_parser("train", help="train a classifier on <root>/<class>/<file> and save a model version")
+    t = sub.add_parser("train", help="train a classifier on <root>/<class>/<file> and register it")
     t.add_argument("dataset")
     t.add_argument("--arch", default="seed-cnn")
     t.add_argument("--name", required=True)
@@ -40,18 +43,47 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--image-size", type=int, default=None)
     t.add_argument("--device", default="auto")
     t.add_argument("--num-threads", type=int, default=None)
-    t.add_argument("--model-store", default=None)
+    t.add_argument("--registry", default=None)
 
-    d = sub.add_parser("demo", help="digits dataset -> train seed-cnn -> classify the test split -> accuracy")
+    d = sub.add_parser("demo", help="digits dataset -> train seed-cnn -> promote -> classify the test split")
     d.add_argument("--workdir", default=None, help="default: $A2K_HOME/demo")
     d.add_argument("--epochs", type=int, default=10)
     d.add_argument("--device", default="auto")
-    d.add_argument("--model-store", default=None)
+    d.add_argument("--registry", default=None)
+
+    cli_models.add_parsers(sub)
     return p
 
 
 def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k != "command"}
+    return {k: v for k, v in vars(args).items() if k not in ("command", "models_command", "json")}
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "classify":
+        from flows.classify_images import classify_images
+
+        s = classify_images(**_kwargs(args))
+        print(f"{s['predicted']} predicted, {s['errors']} errors of {s['listed']} images, "
+              f"{s['images_per_second']} images/s on {s['device']}")
+        print(f"model {s['model']['name']} v{s['model']['version']}; predictions: {s['output']}  "
+              f"(errors in {s['output']}/_errors)")
+    elif args.command == "train":
+        from flows.train_model import train_model
+
+        print(json.dumps(train_model(**_kwargs(args)), indent=2))
+    elif args.command == "demo":
+        from flows.demo import demo
+
+        r = demo(**_kwargs(args))
+        acc = r["accuracy"]
+        print()
+        print(f"test accuracy (from the Parquet): {acc['accuracy']:.2%} ({acc['correct']}/{acc['labelled']})")
+        print(f"classify throughput:             {r['images_per_second']} images/s")
+        print(f"model:                           {r['model']} (alias production) at {r['model_url']}")
+        print(f"predictions:                     {r['output']}")
+    else:
+        cli_models.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,29 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     try:
-        if args.command == "classify":
-            from flows.classify_images import classify_images
-
-            s = classify_images(**_kwargs(args))
-            print(f"{s['predicted']} predicted, {s['errors']} errors of {s['listed']} images, "
-                  f"{s['images_per_second']} images/s on {s['device']}")
-            print(f"predictions: {s['output']}  (errors in {s['output']}/_errors)")
-        elif args.command == "train":
-            from flows.train_model import train_model
-
-            r = train_model(**_kwargs(args))
-            print(json.dumps(r, indent=2))
-        elif args.command == "demo":
-            from flows.demo import demo
-
-            r = demo(**_kwargs(args))
-            acc = r["accuracy"]
-            print()
-            print(f"test accuracy (from the Parquet): {acc['accuracy']:.2%} ({acc['correct']}/{acc['labelled']})")
-            print(f"classify throughput:             {r['images_per_second']} images/s")
-            print(f"model:                           {r['model_dir']}")
-            print(f"predictions:                     {r['output']}")
-    except (ValueError, FileNotFoundError, ParameterTypeError, ValidationError) as e:
+        _run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ParameterTypeError, ValidationError) as e:
         print(f"a2k: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,8 +12,13 @@ def a2k_home() -> Path:
 
 
 def models_dir() -> Path:
-    """The default model store."""
+    """The local model registry folder."""
     return a2k_home() / "models"
+
+
+def registry_url() -> str:
+    """The default model registry: $A2K_REGISTRY (a folder or s3://bucket/prefix), else $A2K_HOME/models."""
+    return os.environ.get("A2K_REGISTRY") or str(models_dir())
 
 
 def demo_dir() -> Path:

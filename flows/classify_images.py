@@ -12,13 +12,14 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from a2k.devices import resolve_device
-from a2k.home import models_dir
 from flows.params import BatchSize, DeviceSpec, HwDecoderLoad, ShardSize, Threads, TopK
 from tasks.classify import RunContext, classify_shard_task
 from tasks.commit import commit_run, plan_shards, resumed_outcome, summary_markdown
 from tasks.manifest import list_images_task
-from tasks.models import read_entry, resolve_model_dir
+from tasks.models import read_entry
+from tasks.registry import resolve_model
 from tasks.sink import part_name
+from tasks.storage import filesystem
 
 MANIFEST_FILE = "_a2k/manifest.parquet"  # under "_", so dataset readers and "*.parquet" globs skip it
 
@@ -38,11 +39,16 @@ class ClassifyImagesConfig(BaseModel):
     num_threads: Threads | None
     hw_decoder_load: HwDecoderLoad
     overwrite: bool
-    model_store: str
+    registry: str | None
 
     @field_validator("input")
     @classmethod
     def _input_exists(cls, v: str) -> str:
+        if "://" in v and v.lower().endswith(".parquet"):  # a manifest in object storage (e.g. a registry split)
+            fs, path = filesystem(v)
+            if not fs.exists(path):
+                raise ValueError(f"input manifest {v!r} does not exist")
+            return v
         if not Path(v).expanduser().exists():
             raise ValueError(f"input {v!r} does not exist; give a folder of images or a .parquet manifest")
         return str(Path(v).expanduser().resolve())
@@ -75,24 +81,28 @@ def classify_images(
     num_threads: Threads | None = None,
     hw_decoder_load: HwDecoderLoad = 0.65,
     overwrite: bool = False,
-    model_store: str | None = None,
+    registry: str | None = None,
 ) -> dict[str, Any]:
     """Classify every image under `input` with `model` and write Parquet parts to `output`.
 
-    `model` is a model directory or NAME[/VERSION] in the model store. Shards already committed in
-    `output` by an earlier run of the same model and settings are kept, not redone.
+    `model` is a registry reference (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `models:/NAME/latest`),
+    a bare NAME meaning `models:/NAME@production`, or a model directory. It is resolved once, here, and
+    every row records the concrete name, version and weights digest. Shards already committed in
+    `output` by an earlier run of the same weights and settings are kept, not redone.
     """
     log = get_run_logger()
     cfg = ClassifyImagesConfig(
         input=input, output=output, model=model, batch_size=batch_size, shard_size=shard_size, top_k=top_k,
         device=device, num_threads=num_threads, hw_decoder_load=hw_decoder_load, overwrite=overwrite,
-        model_store=model_store or str(models_dir()),
+        registry=registry,
     )
-    model_dir = str(resolve_model_dir(cfg.model, cfg.model_store))
+    _, local_dir = resolve_model(cfg.model, cfg.registry)
+    model_dir = str(local_dir)
     entry = read_entry(model_dir)
     dev = resolve_device(cfg.device)
     ctx = RunContext(entry.name, entry.version, entry.weights_sha256, str(flow_run.id), cfg.top_k)
-    log.info("model %s v%s from %s on %s", entry.name, entry.version, model_dir, dev)
+    log.info("model %s resolved to %s v%s (sha256 %s…) on %s", cfg.model, entry.name, entry.version,
+             entry.weights_sha256[:12], dev)
 
     t0 = time.perf_counter()
     manifest_path = str(Path(cfg.output) / MANIFEST_FILE)

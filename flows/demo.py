@@ -14,6 +14,7 @@ from flows.params import DeviceSpec, Epochs
 from flows.train_model import train_model
 from tasks.demo_data import write_digits_dataset
 from tasks.evaluate import accuracy_from_predictions
+from tasks.registry import set_alias
 
 
 @task(name="write-digits-dataset", cache_policy=NO_CACHE)
@@ -26,9 +27,14 @@ def score_predictions_task(output: str) -> dict[str, float | int]:
     return accuracy_from_predictions(output)
 
 
+@task(name="promote-model", cache_policy=NO_CACHE)
+def promote_task(name: str, version: int, alias: str, registry: str | None) -> str:
+    return str(set_alias(name, alias, version, registry).ref)
+
+
 @flow(name="a2k-demo")
 def demo(
-    workdir: str | None = None, epochs: Epochs = 10, device: DeviceSpec = "auto", model_store: str | None = None
+    workdir: str | None = None, epochs: Epochs = 10, device: DeviceSpec = "auto", registry: str | None = None
 ) -> dict[str, Any]:
     """End to end on real data: scikit-learn's handwritten digits -> seed-cnn -> predictions in Parquet.
 
@@ -38,17 +44,18 @@ def demo(
     dataset = write_digits_task(str(root / "digits"))
     trained = train_model(
         dataset=dataset, name="digits-cnn", arch="seed-cnn", epochs=epochs, flip_probability=0.0,  # digits are not mirror-symmetric
-        device=device, model_store=model_store,
+        device=device, registry=registry,
     )
+    promote_task(trained["name"], int(trained["version"]), "production", registry)
     output = str(root / "predictions" / f"digits-cnn-v{trained['version']}")
     summary = classify_images(
-        input=str(Path(trained["model_dir"]) / "splits" / "test.parquet"), output=output, model=trained["model_dir"],
-        device=device, overwrite=True,
+        input=f"{trained['url']}/splits/test.parquet", output=output, model="models:/digits-cnn@production",
+        device=device, overwrite=True, registry=registry,
     )
     score = score_predictions_task(output)
     get_run_logger().info(
         "test accuracy %.4f over %d images (from the Parquet), %s images/s, predictions in %s",
         score["accuracy"], score["labelled"], summary["images_per_second"], output,
     )
-    return {"model_dir": trained["model_dir"], "train_metrics": trained["metrics"], "accuracy": score,
+    return {"model": trained["ref"], "model_url": trained["url"], "train_metrics": trained["metrics"], "accuracy": score,
             "images_per_second": summary["images_per_second"], "output": output, "errors": summary["errors"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,11 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from a2k.devices import resolve_device
-from a2k.home import models_dir
+from a2k.home import a2k_home
 from flows.params import BatchSize, DeviceSpec, Epochs, Fraction, Threads
-from tasks.models import check_model_name, default_preprocessing, list_architectures, next_version_dir
+from tasks.models import check_model_name, default_preprocessing, list_architectures
 from tasks.preprocess import Preprocessing
+from tasks.registry import register_model_task
 from tasks.train import TrainConfig, split_dataset_task, train_classifier_task
 
 
@@ -36,7 +38,7 @@ class TrainModelConfig(BaseModel):
     image_size: int | None = Field(ge=8, le=1024)
     device: DeviceSpec
     num_threads: Threads | None
-    model_store: str
+    registry: str | None
 
     @field_validator("dataset")
     @classmethod
@@ -82,14 +84,14 @@ def train_model(
     image_size: int | None = None,
     device: DeviceSpec = "auto",
     num_threads: Threads | None = None,
-    model_store: str | None = None,
+    registry: str | None = None,
 ) -> dict[str, Any]:
-    """Train `arch` on `dataset` (<root>/<class>/<file>) with a seeded train/val/test split and save it
-    as the next version of `name` in the model store; returns the model directory and its metrics."""
+    """Train `arch` on `dataset` (<root>/<class>/<file>) with a seeded train/val/test split and register it
+    as the next version of `name` (registry default: $A2K_HOME/models), with the exact split manifests."""
     cfg = TrainModelConfig(
         dataset=dataset, arch=arch, name=name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
         seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, flip_probability=flip_probability,
-        image_size=image_size, device=device, num_threads=num_threads, model_store=model_store or str(models_dir()),
+        image_size=image_size, device=device, num_threads=num_threads, registry=registry,
     )
     dev = resolve_device(cfg.device)
     pre = cfg.preprocessing()
@@ -97,19 +99,22 @@ def train_model(
         epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed,
         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, flip_probability=cfg.flip_probability,
     )
-    model_dir = str(next_version_dir(cfg.name, cfg.model_store))
-    get_run_logger().info("training %s as %s v%s on %s", cfg.arch, cfg.name, Path(model_dir).name, dev)
-    counts = split_dataset_task(cfg.dataset, model_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    lineage = {
-        "recipe": "train",
-        "parent": None,
-        "dataset": cfg.dataset,
-        "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
-                  "counts": counts, "manifests": {s: f"splits/{s}.parquet" for s in counts}},
-        "train_config": asdict(train_cfg),
-        "device": str(dev),
-        "run_id": str(flow_run.id),
-    }
-    metrics = train_classifier_task(model_dir, cfg.name, cfg.arch, pre, train_cfg, str(dev), cfg.num_threads, lineage)
-    return {"model_dir": model_dir, "name": cfg.name, "version": Path(model_dir).name, "metrics": metrics,
-            "split_counts": counts}
+    staging = str(a2k_home() / "staging" / f"{cfg.name}-{flow_run.id}")
+    get_run_logger().info("training %s as %s on %s (staging in %s)", cfg.arch, cfg.name, dev, staging)
+    try:
+        counts = split_dataset_task(cfg.dataset, staging, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        lineage = {
+            "recipe": "train",
+            "parent": None,
+            "dataset": cfg.dataset,
+            "split": {"seed": cfg.seed, "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
+                      "counts": counts, "manifests": {s: f"splits/{s}.parquet" for s in counts}},
+            "train_config": asdict(train_cfg),
+            "device": str(dev),
+            "run_id": str(flow_run.id),
+        }
+        metrics = train_classifier_task(staging, cfg.name, cfg.arch, pre, train_cfg, str(dev), cfg.num_threads, lineage)
+        registered = register_model_task(staging, cfg.name, cfg.registry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {**registered, "metrics": metrics, "split_counts": counts}

@@ -35,7 +35,7 @@ class Classifier:
         model = model.to(device.torch_device, dtype=self.dtype)
         if device.is_cuda:
             model = model.to(memory_format=torch.channels_last)
-        self.model = model.eval()
+        self.model = model  # load_model returns it ready for inference
         self.class_names = np.asarray(self.entry.class_names, dtype=object)
 
     @torch.inference_mode()

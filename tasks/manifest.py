@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -32,6 +33,8 @@ def list_images(source: str | os.PathLike) -> pa.Table:
     A folder laid out as `<root>/<class>/<file>` gives each file its class as `label`; files at
     other depths get a null label. Rows are sorted by uri, so the same tree gives the same manifest.
     """
+    if str(source).lower().endswith(".parquet"):
+        return read_manifest(source)
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"input {str(source)!r} does not exist; give a folder of images or a .parquet manifest")
@@ -64,7 +67,8 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
 
     Missing sizes and times are read from the files, so a plain list of paths is a valid manifest.
     """
-    table = pq.read_table(path)
+    fs, fs_path = fsspec.core.url_to_fs(str(path))
+    table = pq.read_table(fs_path, filesystem=fs)
     if "uri" not in table.column_names:
         raise ValueError(f"manifest {str(path)!r} has no 'uri' column; it has: {', '.join(table.column_names)}")
     uris = [str(u) for u in table.column("uri").to_pylist()]
@@ -98,10 +102,28 @@ def sort_manifest(table: pa.Table) -> pa.Table:
 
 
 def write_manifest(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write a manifest: the standard columns first, then any extra ones (such as `sha256`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.cast(MANIFEST_SCHEMA), path)
+    extra = [c for c in table.column_names if c not in MANIFEST_SCHEMA.names]
+    standard = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    for name in extra:
+        standard = standard.append_column(table.schema.field(name), table.column(name))
+    pq.write_table(standard, path)
     return path
+
+
+def with_content_hashes(table: pa.Table) -> pa.Table:
+    """The manifest plus a `sha256` column of each file's bytes, so a split can be checked later."""
+
+    def digest(uri: str) -> str:
+        h = hashlib.sha256()
+        with open(uri, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    return table.append_column("sha256", pa.array([digest(u) for u in table.column("uri").to_pylist()], pa.string()))
 
 
 @dataclass(frozen=True)

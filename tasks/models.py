@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,20 @@ from tasks.preprocess import Preprocessing
 FORMAT = "a2k.model/1"
 ENTRY_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
+
+
+class WeightsFormat(str, Enum):
+    """How a model's file is stored; each has one loader in `_LOADERS`."""
+
+    STATE_DICT = "safetensors"  # a registered architecture + its state dict in safetensors
+    TORCHSCRIPT = "torchscript"  # a TorchScript archive (architecture inside; no Python pickle)
+    EXPORTED_PROGRAM = "torch.export"  # a torch.export program (.pt2)
+
+
+class Status(str, Enum):
+    READY = "ready"
+    REJECTED = "rejected"
+    ARCHIVED = "archived"
 
 _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 _DEFAULT_PREPROCESSING: dict[str, Preprocessing] = {}
@@ -131,10 +146,19 @@ class ModelEntry:
     metrics: dict[str, float] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
+    weights_format: WeightsFormat = WeightsFormat.STATE_DICT
+    weights_file: str = WEIGHTS_FILE
+    status: Status = Status.READY
+    status_reason: str = ""
 
     def __post_init__(self) -> None:
         check_model_name(self.name)
-        _check_arch(self.architecture)
+        object.__setattr__(self, "weights_format", WeightsFormat(self.weights_format))
+        object.__setattr__(self, "status", Status(self.status))
+        if self.weights_format is WeightsFormat.STATE_DICT:
+            _check_arch(self.architecture)
+        if "/" in self.weights_file or self.weights_file.startswith("."):
+            raise ValueError(f"weights file {self.weights_file!r} must be a plain file name")
         object.__setattr__(self, "class_names", tuple(self.class_names))
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
             raise ValueError(f"class_names must hold at least 2 distinct names, got {list(self.class_names)[:10]}")
@@ -154,10 +178,13 @@ class ModelEntry:
             "class_names": list(self.class_names),
             "preprocessing": self.preprocessing.to_dict(),
             "input_signature": {"shape": [None, c, h, w], "layout": "NCHW", "dtype": "float32"},
-            "weights": {"file": WEIGHTS_FILE, "sha256": self.weights_sha256, "bytes": self.weights_bytes},
+            "weights": {"file": self.weights_file, "format": self.weights_format.value, "sha256": self.weights_sha256,
+                        "bytes": self.weights_bytes},
             "metrics": self.metrics,
             "lineage": self.lineage,
             "created_at": self.created_at,
+            "status": self.status.value,
+            "status_reason": self.status_reason,
         }
 
     @classmethod
@@ -175,6 +202,10 @@ class ModelEntry:
             metrics=d.get("metrics", {}),
             lineage=d.get("lineage", {}),
             created_at=d.get("created_at", ""),
+            weights_format=d["weights"].get("format", WeightsFormat.STATE_DICT.value),
+            weights_file=d["weights"].get("file", WEIGHTS_FILE),
+            status=d.get("status", Status.READY.value),
+            status_reason=d.get("status_reason", ""),
         )
 
 
@@ -201,25 +232,34 @@ def save_model_dir(
     """Write weights.safetensors, then model.json naming its digest; model.json last marks it complete."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / WEIGHTS_FILE
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(weights))
+    save_file(state, str(directory / WEIGHTS_FILE))
+    return write_entry(directory, name=name, version=version, architecture=architecture, class_names=class_names,
+                       preprocessing=preprocessing, metrics=metrics, lineage=lineage)
+
+
+def write_entry(directory: str | os.PathLike, *, weights_file: str = WEIGHTS_FILE,
+                weights_format: WeightsFormat = WeightsFormat.STATE_DICT, **fields: Any) -> ModelEntry:
+    """Digest the weights file already in `directory` and write model.json for it (atomically, last)."""
+    directory = Path(directory)
+    weights = directory / weights_file
     entry = ModelEntry(
-        name=name,
-        version=version,
-        architecture=architecture,
-        class_names=tuple(class_names),
-        preprocessing=preprocessing,
         weights_sha256=sha256_file(weights),
         weights_bytes=weights.stat().st_size,
-        metrics=dict(metrics or {}),
-        lineage=dict(lineage or {}),
+        weights_file=weights_file,
+        weights_format=weights_format,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **{**fields, "class_names": tuple(fields["class_names"]), "metrics": dict(fields.get("metrics") or {}),
+           "lineage": dict(fields.get("lineage") or {})},
     )
-    tmp = directory / f".{ENTRY_FILE}.tmp"
-    tmp.write_text(json.dumps(entry.to_dict(), indent=2) + "\n")
-    os.replace(tmp, directory / ENTRY_FILE)
+    save_entry(directory, entry)
     return entry
+
+
+def save_entry(directory: str | os.PathLike, entry: ModelEntry) -> None:
+    tmp = Path(directory) / f".{ENTRY_FILE}.tmp"
+    tmp.write_text(json.dumps(entry.to_dict(), indent=2) + "\n")
+    os.replace(tmp, Path(directory) / ENTRY_FILE)
 
 
 def read_entry(directory: str | os.PathLike) -> ModelEntry:
@@ -229,51 +269,43 @@ def read_entry(directory: str | os.PathLike) -> ModelEntry:
     return ModelEntry.from_dict(json.loads(path.read_text()))
 
 
-def load_model(directory: str | os.PathLike) -> tuple[ModelEntry, nn.Module]:
-    """Rebuild the model from its entry and its weights, after checking the weights' sha256."""
-    entry = read_entry(directory)
-    weights = Path(directory) / WEIGHTS_FILE
+def verify_weights(directory: str | os.PathLike, entry: ModelEntry) -> Path:
+    """The weights file, after checking it is there and its sha256 is the entry's."""
+    weights = Path(directory) / entry.weights_file
     if not weights.is_file():
-        raise FileNotFoundError(f"model {entry.name} version {entry.version}: {WEIGHTS_FILE} is missing in {directory}")
+        raise FileNotFoundError(f"model {entry.name} version {entry.version}: {entry.weights_file} is missing in {directory}")
     actual = sha256_file(weights)
     if actual != entry.weights_sha256:
         raise ValueError(
             f"model {entry.name} version {entry.version}: weights sha256 {actual[:12]}… does not match "
             f"the entry's {entry.weights_sha256[:12]}…; the file is truncated or altered"
         )
+    return weights
+
+
+def _load_state_dict(entry: ModelEntry, weights: Path) -> nn.Module:
     model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
     model.load_state_dict(load_file(str(weights)), strict=True)
-    return entry, model.eval()
+    return model
 
 
-def resolve_model_dir(ref: str, store: str | os.PathLike) -> Path:
-    """A model directory from a path, or from `NAME` / `NAME/VERSION` in the store (latest when no version)."""
-    path = Path(ref).expanduser()
-    if (path / ENTRY_FILE).is_file():
-        return path
-    name, _, version = ref.partition("/")
-    check_model_name(name)
-    root = Path(store) / name
-    versions = sorted((int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / ENTRY_FILE).is_file()))
-    if not versions:
-        raise FileNotFoundError(f"model {ref!r} is neither a model directory nor a model in the store {str(store)!r}")
-    if not version:
-        return root / str(versions[-1])
-    if not version.isdigit() or int(version) not in versions:
-        raise FileNotFoundError(
-            f"model {name!r} has no version {version!r}; versions: {', '.join(map(str, versions))}"
-        )
-    return root / str(int(version))
+def _load_torchscript(entry: ModelEntry, weights: Path) -> nn.Module:
+    return torch.jit.load(str(weights), map_location="cpu")
 
 
-def next_version_dir(name: str, store: str | os.PathLike) -> Path:
-    """A fresh `<store>/<name>/<N>` for the next version (created, so two writers never share one)."""
-    root = Path(store) / check_model_name(name)
-    root.mkdir(parents=True, exist_ok=True)
-    n = max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0) + 1
-    while True:
-        try:
-            (root / str(n)).mkdir()
-            return root / str(n)
-        except FileExistsError:
-            n += 1
+def _load_exported_program(entry: ModelEntry, weights: Path) -> nn.Module:
+    return torch.export.load(str(weights)).module()  # captured in eval mode; its module refuses .eval()
+
+
+_LOADERS: dict[WeightsFormat, Callable[[ModelEntry, Path], nn.Module]] = {
+    WeightsFormat.STATE_DICT: _load_state_dict,
+    WeightsFormat.TORCHSCRIPT: _load_torchscript,
+    WeightsFormat.EXPORTED_PROGRAM: _load_exported_program,
+}
+
+
+def load_model(directory: str | os.PathLike) -> tuple[ModelEntry, nn.Module]:
+    """Rebuild the model from its entry and its weights, after checking the weights' sha256. Never unpickles."""
+    entry = read_entry(directory)
+    model = _LOADERS[entry.weights_format](entry, verify_weights(directory, entry))
+    return entry, model if entry.weights_format is WeightsFormat.EXPORTED_PROGRAM else model.eval()

@@ -180,11 +180,11 @@ def split_dataset_task(dataset: str, model_dir: str, val_fraction: float, test_f
     """List the dataset, split it, and store the three manifests with the model; returns the counts."""
     from prefect import get_run_logger
 
-    from tasks.manifest import list_images, write_manifest
+    from tasks.manifest import list_images, with_content_hashes, write_manifest
 
     splits = split_manifest(list_images(dataset), val_fraction, test_fraction, seed)
     for name, table in splits.items():
-        write_manifest(table, splits_dir(model_dir) / f"{name}.parquet")
+        write_manifest(with_content_hashes(table), splits_dir(model_dir) / f"{name}.parquet")
     counts = split_counts(splits)
     get_run_logger().info("split %s (seed %d): %s", dataset, seed, counts)
     return counts
@@ -195,7 +195,7 @@ def train_classifier_task(
     model_dir: str, name: str, arch: str, pre: Preprocessing, cfg: TrainConfig, device: str,
     num_threads: int | None, lineage: dict[str, Any],
 ) -> dict[str, float]:
-    """Train on the stored splits and save the model directory; returns the metrics."""
+    """Train on the stored splits and save the (staging) model directory; returns the metrics."""
     import pyarrow.parquet as pq
     from prefect import get_run_logger
 
@@ -213,8 +213,8 @@ def train_classifier_task(
                        report["skipped_images"][:5])
     lineage = {**lineage, "history": report["history"], "skipped_images": report["skipped_images"]}
     entry = save_model_dir(
-        model, model_dir, name=name, version=Path(model_dir).name, architecture=arch, class_names=class_names,
+        model, model_dir, name=name, version="0", architecture=arch, class_names=class_names,
         preprocessing=pre, metrics=report["metrics"], lineage=lineage,
     )
-    logger.info("saved %s v%s to %s: %s", entry.name, entry.version, model_dir, report["metrics"])
+    logger.info("trained %s: %s", entry.name, report["metrics"])
     return report["metrics"]

@@ -84,3 +84,39 @@ def seed_model_dir(tmp_path_factory) -> Path:
     save_model_dir(build_model("seed-cnn", 2, pre), directory, name="seed", version="1", architecture="seed-cnn",
                    class_names=["birds", "fish"], preprocessing=pre)
     return directory
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 protocol server (moto's server mode) over HTTP on 127.0.0.1, as s3fs's own tests use."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch, request) -> str:
+    """A fresh bucket; the standard AWS variables point s3fs (and child processes) at the test server."""
+    import uuid
+
+    import s3fs
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"a2k-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(bucket)
+    return bucket
+
+
+@pytest.fixture(params=["local", "s3"])
+def registry_root(request, tmp_path) -> str:
+    """The same registry tests on a local folder and on S3."""
+    if request.param == "local":
+        return str(tmp_path / "registry")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/registry"

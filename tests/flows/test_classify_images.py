@@ -71,7 +71,8 @@ def test_parts_from_another_input_are_refused_unless_overwrite(photos_dir, seed_
         ({"device": "gpu2"}, ParameterTypeError, "device 'gpu2' is not one of: auto, cpu, cuda, cuda:N"),
         ({"device": "cuda:3"}, ValueError, "device 'cuda:3' not found; available: auto, cpu"),
         ({"input": "/no/such/folder"}, ValueError, "input '/no/such/folder' does not exist"),
-        ({"model": "no-such-model"}, FileNotFoundError, "'no-such-model' is neither a model directory"),
+        ({"model": "no-such-model"}, FileNotFoundError, "model 'no-such-model' is not in the registry"),
+        ({"model": "/no/such/dir"}, FileNotFoundError, "'/no/such/dir' is neither a model directory"),
     ],
 )
 def test_bad_parameters_stop_the_run_before_any_work(photos_dir, seed_model_dir, tmp_path, override, error, message):
@@ -86,3 +87,20 @@ def test_unwritable_output_is_refused(photos_dir, seed_model_dir, tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="exists and is not a folder"):
         classify_images(input=str(photos_dir), output=str(blocker), model=str(seed_model_dir), device="cpu")
+
+
+def test_a_registry_reference_is_resolved_once_and_recorded_in_every_row(photos_dir, seed_model_dir, tmp_path,
+                                                                        registry_root):
+    from tasks.registry import register_model, set_alias
+
+    first = register_model(seed_model_dir, "seed", registry_root)
+    register_model(seed_model_dir, "seed", registry_root)
+    set_alias("seed", "production", 1, registry_root)
+    summary = classify_images(input=str(photos_dir), output=str(tmp_path / "out"), model="seed",
+                              registry=registry_root, device="cpu")
+    df = pd.read_parquet(tmp_path / "out")
+    assert summary["model"]["version"] == "1" and set(df["model_version"]) == {"1"}
+    assert set(df["model_sha256"]) == {first.entry.weights_sha256} and set(df["model_name"]) == {"seed"}
+    latest = classify_images(input=str(photos_dir), output=str(tmp_path / "out2"), model="models:/seed/latest",
+                             registry=registry_root, device="cpu")
+    assert latest["model"]["version"] == "2"

@@ -11,12 +11,12 @@ pytestmark = pytest.mark.gpu
 
 def test_gpu_training_and_fp16_classification_agree_with_the_cpu_path(digits_dir, tmp_path):
     trained = train_model(dataset=str(digits_dir), name="gpu-digits", epochs=8, flip_probability=0.0, device="cuda",
-                          model_store=str(tmp_path / "store"))
+                          registry=str(tmp_path / "reg"))
     assert trained["metrics"]["test_accuracy"] >= 0.95
-    test_split = f"{trained['model_dir']}/splits/test.parquet"
+    test_split = f"{trained['url']}/splits/test.parquet"
     rows = {}
     for device in ("cuda", "cpu"):
-        summary = classify_images(input=test_split, output=str(tmp_path / device), model=trained["model_dir"],
+        summary = classify_images(input=test_split, output=str(tmp_path / device), model=trained["ref"], registry=str(tmp_path / "reg"),
                                   device=device, batch_size=64)
         assert summary["errors"] == 0 and summary["device"].startswith(device)
         table = pq.read_table(tmp_path / device).sort_by("image_uri")

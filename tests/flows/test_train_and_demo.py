@@ -7,13 +7,16 @@ import pytest
 
 from flows.demo import demo
 from flows.train_model import train_model
+from tasks.registry import get_model
 
 
 def test_demo_trains_on_real_digits_and_reaches_95_percent_measured_from_the_parquet(tmp_path):
     result = demo(workdir=str(tmp_path / "demo"), device="cpu")
     df = pd.read_parquet(result["output"])
     accuracy = (df["label"] == df["true_label"]).mean()
-    entry = json.loads((Path(result["model_dir"]) / "model.json").read_text())
+    assert result["model"] == "models:/digits-cnn/1"
+    assert get_model("models:/digits-cnn@production").entry.version == "1"
+    entry = json.loads((Path(result["model_url"]) / "model.json").read_text())
     counts = entry["lineage"]["split"]["counts"]
     assert sum(counts.values()) == 1797 and len(df) == counts["test"] == result["accuracy"]["labelled"]
     assert accuracy >= 0.95 and accuracy == pytest.approx(result["accuracy"]["accuracy"])
@@ -22,15 +25,23 @@ def test_demo_trains_on_real_digits_and_reaches_95_percent_measured_from_the_par
 
 
 def test_training_split_is_seeded_stratified_and_disjoint(digits_dir, tmp_path):
-    r = train_model(dataset=str(digits_dir), name="tiny", epochs=1, device="cpu", model_store=str(tmp_path / "store"))
-    splits = {s: pq.read_table(f"{r['model_dir']}/splits/{s}.parquet") for s in ("train", "val", "test")}
+    r = train_model(dataset=str(digits_dir), name="tiny", epochs=1, device="cpu", registry=str(tmp_path / "reg"))
+    assert r["ref"] == "models:/tiny/1" and r["url"] == str(tmp_path / "reg" / "tiny" / "1")
+    splits = {s: pq.read_table(f"{r['url']}/splits/{s}.parquet") for s in ("train", "val", "test")}
     uris = [set(t.column("uri").to_pylist()) for t in splits.values()]
     assert not (uris[0] & uris[1] or uris[0] & uris[2] or uris[1] & uris[2])
     assert sum(map(len, uris)) == 1797
     assert set(splits["test"].column("label").to_pylist()) == {str(d) for d in range(10)}
-    again = train_model(dataset=str(digits_dir), name="tiny", epochs=1, device="cpu", model_store=str(tmp_path / "store"))
+    test_rows = splits["test"].to_pylist()
+    assert all(len(r["sha256"]) == 64 for r in test_rows)  # content hashes make the split checkable later
+    import hashlib
+    assert hashlib.sha256(open(test_rows[0]["uri"], "rb").read()).hexdigest() == test_rows[0]["sha256"]
+    again = train_model(dataset=str(digits_dir), name="tiny", epochs=1, device="cpu", registry=str(tmp_path / "reg"))
     assert again["version"] == "2"
-    assert pq.read_table(f"{again['model_dir']}/splits/test.parquet").equals(splits["test"])
+    assert pq.read_table(f"{again['url']}/splits/test.parquet").equals(splits["test"])
+    entry = get_model("models:/tiny/2", str(tmp_path / "reg")).entry
+    assert entry.lineage["recipe"] == "train" and entry.lineage["parent"] is None
+    assert entry.lineage["split"]["counts"] == {k: t.num_rows for k, t in splits.items()}
 
 
 @pytest.mark.parametrize(
@@ -40,5 +51,5 @@ def test_training_split_is_seeded_stratified_and_disjoint(digits_dir, tmp_path):
 )
 def test_bad_training_parameters_are_refused(digits_dir, tmp_path, override, message):
     with pytest.raises(Exception, match=message):
-        train_model(**{"dataset": str(digits_dir), "name": "m", "model_store": str(tmp_path / "s"), **override})
+        train_model(**{"dataset": str(digits_dir), "name": "m", "registry": str(tmp_path / "s"), **override})
     assert not (tmp_path / "s").exists()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tasks.models import (
-    build_model, check_model_name, default_preprocessing, list_architectures, load_model, next_version_dir,
-    read_entry, register_architecture, resolve_model_dir, save_model_dir,
+    build_model, check_model_name, default_preprocessing, list_architectures, load_model, read_entry,
+    register_architecture, save_model_dir,
 )
 from tasks.preprocess import Preprocessing
 
@@ -59,21 +59,6 @@ def test_torchvision_architectures_refuse_grayscale_input():
 def test_model_names_that_could_escape_the_store_are_refused(name):
     with pytest.raises(ValueError, match="model name"):
         check_model_name(name)
-
-
-def test_references_resolve_to_a_path_or_a_store_version(tmp_path, seed_model_dir):
-    import shutil
-
-    store = tmp_path / "store"
-    for _ in range(2):
-        shutil.copytree(seed_model_dir, next_version_dir("seed", store), dirs_exist_ok=True)
-    assert resolve_model_dir(str(seed_model_dir), store) == seed_model_dir
-    assert resolve_model_dir("seed", store) == store / "seed" / "2"
-    assert resolve_model_dir("seed/1", store) == store / "seed" / "1"
-    with pytest.raises(FileNotFoundError, match="has no version '7'; versions: 1, 2"):
-        resolve_model_dir("seed/7", store)
-    with pytest.raises(FileNotFoundError, match="neither a model directory nor a model in the store"):
-        resolve_model_dir("other", store)
 
 
 def test_preprocessing_rejects_inconsistent_settings():

@@ -1,0 +1,110 @@
+"""`a2k models ...` and `a2k evaluate`: the registry from the command line, for people and (--json) scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("models", help="the model registry: list, show, import, promote, rollback, archive")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", default=None, help="folder or s3:// URL (default: $A2K_REGISTRY or $A2K_HOME/models)")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    ls = msub.add_parser("list", parents=[common], help="every version, with status and aliases")
+    ls.add_argument("--name", default=None)
+    show = msub.add_parser("show", parents=[common], help="one version: entry, metrics, lineage to the root")
+    show.add_argument("ref", help="models:/NAME/VERSION, models:/NAME@ALIAS or models:/NAME/latest")
+
+    imp = msub.add_parser("import", parents=[common], help="register an existing classifier")
+    imp.add_argument("source", help=".safetensors or .pth state dict, TorchScript file, or torch.export .pt2")
+    imp.add_argument("--name", required=True)
+    imp.add_argument("--labels", required=True, help="class names, one per line (or a JSON list)")
+    imp.add_argument("--arch", default=None, help="architecture of a state dict (e.g. resnet18)")
+    imp.add_argument("--resize", type=int, default=256)
+    imp.add_argument("--crop", type=int, default=224)
+    imp.add_argument("--mean", type=float, nargs="+", default=[0.485, 0.456, 0.406])
+    imp.add_argument("--std", type=float, nargs="+", default=[0.229, 0.224, 0.225])
+    imp.add_argument("--interpolation", default="bilinear", choices=["nearest", "bilinear", "bicubic"])
+    imp.add_argument("--channels", type=int, default=3, choices=[1, 3])
+
+    promote = msub.add_parser("promote", parents=[common], help="point an alias at a version")
+    promote.add_argument("ref")
+    promote.add_argument("--alias", default="production")
+    rollback = msub.add_parser("rollback", parents=[common], help="move an alias back to its previous version")
+    rollback.add_argument("name")
+    rollback.add_argument("--alias", default="production")
+    arch = msub.add_parser("archive", parents=[common], help="retire a version")
+    arch.add_argument("ref")
+    arch.add_argument("--reason", default="")
+
+    ev = sub.add_parser("evaluate", parents=[common], help="top-1/top-5, per-class precision/recall, confusion matrix")
+    ev.add_argument("ref")
+    ev.add_argument("dataset", nargs="?", default=None, help="labelled folder <root>/<class>/<file>; default: the "
+                    "version's recorded test split")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--batch-size", type=int, default=256)
+
+
+def _print(doc: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(doc, indent=2, default=str) if as_json else text)
+
+
+def _version_line(v) -> str:
+    e = v.entry
+    acc = e.metrics.get("test_accuracy", e.metrics.get("top1"))
+    acc_text = f"{acc:.4f}" if isinstance(acc, (int, float)) else "-"
+    return (f"{e.name:<20} {e.version:>4}  {v.status.value:<9} {','.join(v.aliases) or '-':<18} "
+            f"{e.architecture:<18} {e.weights_bytes / 1e6:>8.2f} MB  {acc_text:>8}  {e.created_at}")
+
+
+def run(args: argparse.Namespace) -> None:
+    from tasks import registry as reg
+
+    if args.command == "evaluate":
+        from flows.evaluate_model import evaluate_model
+
+        result = evaluate_model(model=args.ref, dataset=args.dataset, device=args.device, batch_size=args.batch_size,
+                                registry=args.registry)
+        _print(result, args.json, "\n".join(f"{k}: {v}" for k, v in result.items() if k != "per_class"))
+        return
+    cmd = args.models_command
+    if cmd == "list":
+        versions = reg.list_models(args.registry, args.name)
+        header = f"{'NAME':<20} {'VER':>4}  {'STATUS':<9} {'ALIASES':<18} {'ARCH':<18} {'SIZE':>11}  {'TEST ACC':>8}  CREATED"
+        _print([v.to_dict() for v in versions], args.json, "\n".join([header, *map(_version_line, versions)]))
+    elif cmd == "show":
+        chain = reg.lineage(args.ref, args.registry)
+        head = chain[0]
+        history = {a: reg.alias_history(head.entry.name, a, args.registry) for a in head.aliases}
+        text = [_version_line(head), f"  url: {head.url}", f"  sha256: {head.entry.weights_sha256}",
+                f"  status: {head.status.value} {head.status_reason}".rstrip(),
+                f"  preprocessing: {head.entry.preprocessing.to_dict()}", f"  metrics: {head.entry.metrics}",
+                "  lineage: " + " <- ".join(f"{c.ref} ({c.entry.lineage.get('recipe', '?')})" for c in chain)]
+        for alias, moves in history.items():
+            text.append(f"  alias {alias}: " + " -> ".join(str(m.get("version", "deleted")) for m in moves))
+        _print({**head.to_dict(), "lineage_chain": [str(c.ref) for c in chain], "alias_history": history},
+               args.json, "\n".join(text))
+    elif cmd == "import":
+        from flows.import_model import import_model
+
+        result = import_model(source=args.source, name=args.name, labels=args.labels, arch=args.arch,
+                              resize=args.resize, crop=args.crop, mean=args.mean, std=args.std,
+                              interpolation=args.interpolation, channels=args.channels, registry=args.registry)
+        _print(result, args.json, f"registered {result['ref']} at {result['url']}")
+    elif cmd == "promote":
+        ref = reg.ModelRef.parse(args.ref)
+        target = reg.get_model(ref, args.registry)
+        info = reg.set_alias(ref.name, args.alias, int(target.entry.version), args.registry)
+        _print(info.to_dict(), args.json, f"{ref.name}@{args.alias} -> version {info.entry.version}")
+    elif cmd == "rollback":
+        info = reg.rollback_alias(args.name, args.alias, args.registry)
+        _print(info.to_dict(), args.json, f"{args.name}@{args.alias} -> version {info.entry.version} (rolled back)")
+    elif cmd == "archive":
+        ref = reg.ModelRef.parse(args.ref)
+        target = reg.get_model(ref, args.registry)
+        info = reg.archive(ref.name, int(target.entry.version), args.reason, args.registry)
+        _print(info.to_dict(), args.json, f"{info.ref} archived")

@@ -1,0 +1,76 @@
+"""File operations a2k needs on any fsspec URL (a local folder or s3://...), with the atomicity each needs.
+
+S3 endpoint and credentials come from the standard AWS environment and config files
+(AWS_ENDPOINT_URL for MinIO, Ceph or R2); nothing here logs or stores them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+
+
+def filesystem(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for `url` and the path within it (no trailing slash)."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path.rstrip("/") or "/"
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path of `fs` as a URL a user can pass back in (plain path for local files)."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create `path` holding `data` only if it does not exist yet; False if someone else created it first.
+
+    Local: O_EXCL. S3: a conditional PUT (If-None-Match: *), which S3, MinIO and moto honour.
+    """
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        return False
+    return True
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace `path` so readers see the old or the new content, never a part of it.
+
+    Local: a hidden temporary file renamed over the target. S3: one PUT, which is atomic already.
+    """
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{fs._parent(path)}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def dumps(doc: Any) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n").encode()
+
+
+def listdir_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Names directly under `path`, fresh from the store (s3fs caches listings), [] if it does not exist."""
+    fs.invalidate_cache(path)
+    try:
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
