@@ -80,14 +80,18 @@ def run(args: argparse.Namespace) -> None:
         chain = reg.lineage(args.ref, args.registry)
         head = chain[0]
         history = {a: reg.alias_history(head.entry.name, a, args.registry) for a in head.aliases}
+        evaluations = reg.list_evaluations(head, args.registry)
         text = [_version_line(head), f"  url: {head.url}", f"  sha256: {head.entry.weights_sha256}",
                 f"  status: {head.status.value} {head.status_reason}".rstrip(),
                 f"  preprocessing: {head.entry.preprocessing.to_dict()}", f"  metrics: {head.entry.metrics}",
                 "  lineage: " + " <- ".join(f"{c.ref} ({c.entry.lineage.get('recipe', '?')})" for c in chain)]
         for alias, moves in history.items():
             text.append(f"  alias {alias}: " + " -> ".join(str(m.get("version", "deleted")) for m in moves))
-        _print({**head.to_dict(), "lineage_chain": [str(c.ref) for c in chain], "alias_history": history},
-               args.json, "\n".join(text))
+        for ev in evaluations:
+            text.append(f"  evaluation {ev['at']}: top-1 {ev['top1']:.4f}, top-5 {ev['top5']:.4f} on {ev['images']} "
+                        f"images of {ev['dataset']}")
+        _print({**head.to_dict(), "lineage_chain": [str(c.ref) for c in chain], "alias_history": history,
+                "evaluations": evaluations}, args.json, "\n".join(text))
     elif cmd == "import":
         from flows.import_model import import_model
 

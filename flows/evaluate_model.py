@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ def score_task(predictions: str, ref: str, registry: str | None, run_id: str, co
     with tempfile.TemporaryDirectory() as tmp:
         png = draw_confusion_matrix(evaluation, Path(tmp) / "confusion.png", title=f"{info.ref} on {context['dataset']}")
         png_url = write_version_file(info, f"{folder}/confusion.png", png.read_bytes(), registry)
-    doc = {**context, "model": str(info.ref), "run_id": run_id, "evaluation": evaluation.to_dict()}
+    doc = {**context, "model": str(info.ref), "run_id": run_id, "at": datetime.now(timezone.utc).isoformat(),
+           "evaluation": evaluation.to_dict()}
     json_url = write_version_file(info, f"{folder}/evaluation.json", json.dumps(doc, indent=2).encode(), registry)
     create_table_artifact(evaluation_table(evaluation), key=f"evaluation-{info.entry.name}-v{info.entry.version}",
                           description=f"{info.ref}: top-1 {evaluation.top1:.4f}, top-5 {evaluation.top5:.4f}")

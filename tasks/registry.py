@@ -316,6 +316,22 @@ def write_version_file(info: ModelVersion, rel_path: str, data: bytes, registry:
     return full_url(reg.fs, path)
 
 
+def list_evaluations(info: ModelVersion, registry: str | None = None) -> list[dict[str, Any]]:
+    """The evaluations stored with a version (oldest first): model, dataset, run id, top-1, top-5, images."""
+    reg = Registry(registry)
+    folder = reg._path(info.entry.name, info.entry.version, "evaluations")
+    out = []
+    for run in listdir_names(reg.fs, folder):
+        path = f"{folder}/{run}/evaluation.json"
+        if reg.fs.exists(path):
+            doc = read_json(reg.fs, path)
+            ev = doc.get("evaluation", {})
+            out.append({"run_id": doc.get("run_id", run), "dataset": doc.get("dataset"), "top1": ev.get("top1"),
+                        "top5": ev.get("top5"), "images": ev.get("images"), "at": doc.get("at"),
+                        "url": full_url(reg.fs, path)})
+    return sorted(out, key=lambda e: e.get("at") or "")
+
+
 def fetch_model(info: ModelVersion, registry: str | None = None) -> Path:
     """A local folder holding the version, its weights' digest checked: the version folder itself for a
     local registry, else a cache under $A2K_HOME/cache keyed by name, version and the weights' sha256."""

@@ -6,6 +6,7 @@ from prefect.artifacts import Artifact
 
 from flows.evaluate_model import evaluate_model
 from flows.train_model import train_model
+from tasks.registry import get_model, list_evaluations
 from tasks.storage import filesystem
 
 
@@ -24,6 +25,8 @@ def test_evaluation_on_the_recorded_test_split_is_stored_with_the_version(digits
     stored = json.loads(_read(result["evaluation"]))["evaluation"]
     assert sum(map(sum, stored["confusion"])) == result["images"]
     assert _read(result["confusion_matrix"])[:8] == b"\x89PNG\r\n\x1a\n"
+    listed = list_evaluations(get_model("models:/ev/1", registry_root), registry_root)
+    assert [(e["top1"], e["images"]) for e in listed] == [(result["top1"], result["images"])]
     artifact = Artifact.get("evaluation-ev-v1")
     assert artifact is not None and "precision" in str(artifact.data)
 

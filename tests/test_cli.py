@@ -1,0 +1,57 @@
+"""The command line, called in-process as a user would type it."""
+
+import json
+
+import pytest
+
+from a2k.cli import main
+from tasks.registry import get_model, register_model
+
+
+@pytest.fixture
+def registry(tmp_path, seed_model_dir) -> str:
+    root = str(tmp_path / "registry")
+    for _ in range(2):
+        register_model(seed_model_dir, "seed", root)
+    return root
+
+
+def _json(capsys, argv) -> object:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_models_list_show_promote_rollback(capsys, registry):
+    listed = _json(capsys, ["models", "list", "--registry", registry, "--json"])
+    assert [v["ref"] for v in listed] == ["models:/seed/1", "models:/seed/2"]
+    assert main(["models", "promote", "models:/seed/1", "--alias", "production", "--registry", registry]) == 0
+    assert main(["models", "promote", "models:/seed/latest", "--alias", "production", "--registry", registry]) == 0
+    assert "seed@production -> version 2" in capsys.readouterr().out
+    shown = _json(capsys, ["models", "show", "models:/seed@production", "--registry", registry, "--json"])
+    assert shown["ref"] == "models:/seed/2" and [m["version"] for m in shown["alias_history"]["production"]] == [1, 2]
+    assert shown["lineage_chain"] == ["models:/seed/2"] and shown["entry"]["architecture"] == "seed-cnn"
+    assert main(["models", "rollback", "seed", "--alias", "production", "--registry", registry]) == 0
+    capsys.readouterr()
+    assert get_model("models:/seed@production", registry).entry.version == "1"
+    assert main(["models", "list", "--registry", registry]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["NAME", "VER", "STATUS"] and "production" in table[1]
+
+
+def test_archive_and_errors_exit_2_with_the_reason(capsys, registry):
+    assert main(["models", "archive", "models:/seed/1", "--reason", "old", "--registry", registry]) == 0
+    assert get_model("models:/seed/1", registry).status.value == "archived"
+    capsys.readouterr()
+    assert main(["models", "promote", "models:/seed/1", "--registry", registry]) == 2
+    assert "version 1 is archived (old)" in capsys.readouterr().err
+    assert main(["models", "show", "models:/seed/7", "--registry", registry]) == 2
+    assert "has no version 7; versions: 1, 2" in capsys.readouterr().err
+    assert main(["models", "show", "seed", "--registry", registry]) == 2
+    assert "is not models:/NAME/VERSION" in capsys.readouterr().err
+
+
+def test_classify_refuses_a_bad_batch_size_before_any_work(capsys, photos_dir, seed_model_dir, tmp_path):
+    code = main(["classify", str(photos_dir), str(tmp_path / "out"), "--model", str(seed_model_dir),
+                 "--batch-size", "0", "--device", "cpu"])
+    assert code == 2 and "batch_size" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
