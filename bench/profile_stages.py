@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--readers", type=int, nargs="+", default=[16], help="reader thread counts to compare")
     args = p.parse_args()
 
     import tempfile
@@ -49,14 +50,16 @@ def main() -> None:
     uris = (files * (args.batch_size // len(files) + 1))[: args.batch_size]
     model_dir = make_model(args.arch, Path(tempfile.mkdtemp()) / args.arch, 1000)
     worker = ShardClassifier(str(model_dir), args.device, args.batch_size, None)
-    readers = ThreadPoolExecutor(16)
-    blobs = load_blobs(uris, readers)
     n = len(uris)
-    rows = {
-        "read + header check (16 threads)": timed(lambda: load_blobs(uris, readers), args.repeat),
+    rows = {}
+    for count in args.readers:
+        with ThreadPoolExecutor(count) as readers:
+            rows[f"read + header check ({count} threads)"] = timed(lambda: load_blobs(uris, readers), args.repeat)
+            blobs = load_blobs(uris, readers)
+    rows.update({
         "header check only (1 thread)": timed(lambda: [check_header(b) for b in blobs], args.repeat),
         f"DALI decode+resize+crop+normalize ({worker.device})": timed(lambda: worker.decoder.decode(blobs), args.repeat),
-    }
+    })
     images = worker.decoder.decode(blobs).images
     rows["model top-k incl. copy to host"] = timed(lambda: worker.classifier.top_k(images, 5), args.repeat)
     ctx = RunContext("m", "1", "x" * 64, "run", 5)

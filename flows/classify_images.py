@@ -1,8 +1,10 @@
-"""The `classify-images` flow: a folder (or manifest) of images in, a Parquet dataset of predictions out."""
+"""The `classify-images` flow: a folder, S3 prefix or manifest of images in, a Parquet dataset of predictions out
+(in a folder or under an S3 prefix)."""
 
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,10 @@ from tasks.manifest import list_images_task
 from tasks.models import read_entry
 from tasks.registry import resolve_model
 from tasks.sink import part_name
-from tasks.storage import filesystem
+from tasks.storage import filesystem, full_url, is_url, redact
 
 MANIFEST_FILE = "_a2k/manifest.parquet"  # under "_", so dataset readers and "*.parquet" globs skip it
+PROBE_PREFIX = "_a2k/.write-probe-"
 
 
 class ClassifyImagesConfig(BaseModel):
@@ -44,11 +47,8 @@ class ClassifyImagesConfig(BaseModel):
     @field_validator("input")
     @classmethod
     def _input_exists(cls, v: str) -> str:
-        if "://" in v and v.lower().endswith(".parquet"):  # a manifest in object storage (e.g. a registry split)
-            fs, path = filesystem(v)
-            if not fs.exists(path):
-                raise ValueError(f"input manifest {v!r} does not exist")
-            return v
+        if is_url(v):
+            return _check_store_input(v)
         if not Path(v).expanduser().exists():
             raise ValueError(f"input {v!r} does not exist; give a folder of images or a .parquet manifest")
         return str(Path(v).expanduser().resolve())
@@ -56,6 +56,8 @@ class ClassifyImagesConfig(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_writable(cls, v: str) -> str:
+        if is_url(v):
+            return _check_store_output(v)
         path = Path(v).expanduser().resolve()
         if path.exists() and not path.is_dir():
             raise ValueError(f"output {v!r} exists and is not a folder")
@@ -67,6 +69,38 @@ class ClassifyImagesConfig(BaseModel):
         except OSError as e:
             raise ValueError(f"output {v!r} is not writable: {e.strerror or e}") from None
         return str(path)
+
+
+def _check_store_input(v: str) -> str:
+    """An input in object storage: a .parquet manifest object, or a prefix holding at least one object."""
+    fs, path = filesystem(v)
+    fs.invalidate_cache(path)
+    try:
+        if v.lower().endswith(".parquet"):
+            if not fs.isfile(path):
+                raise ValueError(f"input manifest {v!r} does not exist")
+        elif not fs.isdir(path):  # on S3 a prefix exists while an object is under it
+            what = "is an object but not a .parquet manifest" if fs.isfile(path) else "does not exist or holds nothing"
+            raise ValueError(f"input {v!r} {what}; give a prefix of images (s3://bucket/prefix) or a .parquet manifest")
+    except OSError as e:  # e.g. access denied
+        raise ValueError(f"input {v!r} cannot be read: {redact(str(e))}") from None
+    return full_url(fs, path)
+
+
+def _check_store_output(v: str) -> str:
+    """An output in object storage: its bucket must exist (it is never created) and take a write under `_a2k/`."""
+    fs, path = filesystem(v)
+    bucket = path.split("/", 1)[0]
+    try:
+        if not fs.exists(bucket):
+            raise ValueError(f"output {v!r}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                             "create it or give an existing bucket")
+        probe = f"{path}/{PROBE_PREFIX}{uuid.uuid4().hex[:12]}"
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
+    except OSError as e:
+        raise ValueError(f"output {v!r} is not writable: {redact(str(e))}") from None
+    return full_url(fs, path)
 
 
 @flow(name="classify-images")
@@ -105,7 +139,7 @@ def classify_images(
              entry.weights_sha256[:12], dev)
 
     t0 = time.perf_counter()
-    manifest_path = str(Path(cfg.output) / MANIFEST_FILE)
+    manifest_path = f"{cfg.output}/{MANIFEST_FILE}"
     listed = list_images_task(cfg.input, manifest_path)
     plan = plan_shards(manifest_path, cfg.shard_size, entry, cfg.top_k, cfg.output, cfg.overwrite)
     list_seconds = time.perf_counter() - t0

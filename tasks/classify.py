@@ -13,7 +13,6 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from a2k.devices import Device, resolve_device
@@ -21,6 +20,7 @@ from tasks.decode import DEFAULT_MAX_PIXELS, Failure, ImageDecoder, load_blobs
 from tasks.manifest import Shard
 from tasks.models import ModelEntry, load_model
 from tasks.sink import ERROR_SCHEMA, ERRORS_DIR, PREDICTION_SCHEMA, part_name, write_part
+from tasks.storage import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def classify_shard(
 
     The predictions part is the shard's commit: once it exists, the shard is done.
     """
-    rows = pq.read_table(manifest_path, columns=["uri", "label"]).slice(shard.start, shard.size)
+    rows = read_parquet(manifest_path, columns=["uri", "label"]).slice(shard.start, shard.size)
     uris = rows.column("uri").to_pylist()
     predictions, errors, seconds = worker.run(uris, rows.column("label").to_pylist(), ctx)
     t0 = time.perf_counter()

@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from tasks.classify import RunContext, ShardOutcome, part_key
 from tasks.manifest import Shard, make_shards
 from tasks.models import ModelEntry
-from tasks.sink import ERRORS_DIR, committed_parts, part_name, read_part_rows, remove_parts, write_run_marker
+from tasks.sink import (
+    ERRORS_DIR, committed_parts, part_name, read_part_rows, remove_parts, remove_temporaries, write_run_marker,
+)
+from tasks.storage import read_parquet
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ def plan_shards(
     Parts in `output` that belong to no shard of this plan (another input, model or setting) would mix
     two runs in one dataset: refused, or removed when `overwrite` is set.
     """
-    shards = make_shards(pq.read_table(manifest_path, columns=["uri", "bytes", "mtime_ns"]), shard_size)
+    shards = make_shards(read_parquet(manifest_path, columns=["uri", "bytes", "mtime_ns", "etag"]), shard_size)
     keys = [part_key(s, entry, top_k) for s in shards]
     existing = committed_parts(output)
     stale = existing - {part_name(k) for k in keys}
@@ -39,6 +40,7 @@ def plan_shards(
             f"(e.g. {sorted(stale)[0]}); choose an empty output or pass overwrite=True to replace them"
         )
     remove_parts(output, stale)
+    remove_temporaries(output)  # half-written files of a run that was killed
     return [PlannedShard(s, k, part_name(k) in existing) for s, k in zip(shards, keys)]
 
 

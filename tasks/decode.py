@@ -20,6 +20,7 @@ from PIL import Image
 
 from a2k.devices import Device
 from tasks.preprocess import Augmentation, Preprocessing, pil_preprocess
+from tasks.storage import is_url, object_paths, redact
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +85,41 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Failure |
     return None
 
 
-def load_blobs(uris: list[str], pool: ThreadPoolExecutor, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[bytes | Failure]:
-    """Read and header-check many files at once on a thread pool; order follows `uris`."""
+def read_objects(uris: list[str]) -> list[bytes | Failure]:
+    """The bytes of many objects (s3://...) in one concurrent request batch on the filesystem's event loop,
+    or the reason each cannot be had; order follows `uris`. botocore retries throttling and transient
+    network errors with back-off, so a failure here is final."""
+    fs, paths = object_paths(uris)
+    # cat_ranges rather than cat: cat expands "[", "*" and "?" in keys as globs and drops what they miss
+    results = fs.cat_ranges(paths, None, None, on_error="return")
+    return [r if isinstance(r, bytes) else _read_failure(uri, r) for uri, r in zip(uris, results)]
 
-    def _one(uri: str) -> bytes | Failure:
-        data = read_image(uri)
+
+def _read_failure(uri: str, error: BaseException) -> Failure:
+    if not isinstance(error, Exception):  # cancellation or interrupt: not a property of the object
+        raise error
+    if isinstance(error, FileNotFoundError):
+        return Failure(ErrorKind.VANISHED, f"object vanished after it was listed: {uri}")
+    if isinstance(error, PermissionError):
+        return Failure(ErrorKind.UNREADABLE, redact(f"permission denied: {error}"))
+    return Failure(ErrorKind.UNREADABLE, redact(f"read failed: {type(error).__name__}: {error}")[:500])
+
+
+def load_blobs(uris: list[str], pool: ThreadPoolExecutor, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[bytes | Failure]:
+    """Read and header-check many images at once; order follows `uris`.
+
+    Local files are read one by one on the thread pool; objects in a store (the uris of one manifest
+    share a scheme) are fetched as one concurrent batch.
+    """
+
+    def _checked(data: bytes | Failure) -> bytes | Failure:
         if isinstance(data, Failure):
             return data
         return check_header(data, max_pixels) or data
 
-    return list(pool.map(_one, uris))
+    if uris and is_url(uris[0]):
+        return list(pool.map(_checked, read_objects(uris)))
+    return list(pool.map(lambda uri: _checked(read_image(uri)), uris))
 
 
 def _rescue(data: bytes, pre: Preprocessing, dali_message: str) -> torch.Tensor | Failure:

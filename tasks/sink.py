@@ -1,6 +1,6 @@
 """Write predictions and errors as Parquet parts that appear only once complete, and the run's commit marker.
 
-Layout of an output folder, read as one dataset by pandas, polars, DuckDB and Spark (they skip names
+Layout of an output folder or S3 prefix, read as one dataset by pandas, polars, DuckDB and Spark (they skip names
 that start with '_' or '.'):
     <output>/part-<key>.parquet          predictions, one part per shard
     <output>/_errors/part-<key>.parquet  images without a prediction, with the reason
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from tasks.storage import filesystem, full_url, listdir_names, write_atomic, write_parquet
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -54,54 +54,53 @@ def part_name(key: str) -> str:
     return f"part-{key}.parquet"
 
 
-def _fs(output: str):
-    fs, root = fsspec.core.url_to_fs(str(output))
-    return fs, root.rstrip("/")
-
-
 def write_part(table: pa.Table, output: str | os.PathLike, name: str, subdir: str = "") -> str:
-    """Write `table` under a hidden temporary name, then rename it into place; returns the final path."""
-    fs, root = _fs(str(output))
-    folder = f"{root}/{subdir}" if subdir else root
-    fs.makedirs(folder, exist_ok=True)
-    final, tmp = f"{folder}/{name}", f"{folder}/.{name}.tmp"
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    fs.mv(tmp, final)
-    return final
+    """Write `table` so it appears only complete (local: temporary file renamed into place; S3: one PUT of
+    the final key, serialised in memory first); returns its URL."""
+    folder = f"{str(output).rstrip('/')}/{subdir}" if subdir else str(output).rstrip("/")
+    return write_parquet(table, f"{folder}/{name}", compression="zstd")
 
 
 def committed_parts(output: str | os.PathLike) -> set[str]:
-    """Names of prediction parts already in place in `output` (temporary files excluded)."""
-    fs, root = _fs(str(output))
-    if not fs.exists(root):
-        return set()
-    return {Path(p).name for p in fs.glob(f"{root}/part-*.parquet")}
+    """Names of prediction parts already in place in `output` (temporary files excluded), listed fresh."""
+    fs, root = filesystem(output)
+    return {n for n in listdir_names(fs, root) if n.startswith("part-") and n.endswith(".parquet")}
+
+
+def remove_temporaries(output: str | os.PathLike) -> list[str]:
+    """Delete the hidden temporary files a killed run left half-written (local outputs; S3 writes have none)."""
+    fs, root = filesystem(output)
+    removed = []
+    for folder in (root, f"{root}/{ERRORS_DIR}"):
+        for name in listdir_names(fs, folder):
+            if name.startswith(".part-") and name.endswith(".tmp"):
+                fs.rm(f"{folder}/{name}")
+                removed.append(name)
+    return removed
 
 
 def remove_parts(output: str | os.PathLike, names: set[str]) -> None:
-    fs, root = _fs(str(output))
-    for name in names:
-        for path in (f"{root}/{name}", f"{root}/{ERRORS_DIR}/{name}"):
-            if fs.exists(path):
-                fs.rm(path)
+    fs, root = filesystem(output)
+    for folder in (root, f"{root}/{ERRORS_DIR}"):
+        present = set(listdir_names(fs, folder))
+        for name in sorted(names & present):
+            fs.rm(f"{folder}/{name}")
 
 
 def read_part_rows(output: str | os.PathLike, name: str, subdir: str = "") -> int:
-    """Row count of a committed part, from its footer."""
-    fs, root = _fs(str(output))
+    """Row count of a committed part, from its footer; 0 when there is no such part."""
+    fs, root = filesystem(output)
     path = f"{root}/{subdir}/{name}" if subdir else f"{root}/{name}"
-    if not fs.exists(path):
+    fs.invalidate_cache(path)  # s3fs would answer from a listing cached before another worker wrote it
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except FileNotFoundError:
         return 0
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
 
 
 def write_run_marker(output: str | os.PathLike, summary: dict[str, Any]) -> str:
-    """The commit marker: written last, under a temporary name first, so it is there only when all parts are."""
-    fs, root = _fs(str(output))
-    final, tmp = f"{root}/{RUN_MARKER}", f"{root}/.{RUN_MARKER}.tmp"
-    with fs.open(tmp, "w") as f:
-        f.write(json.dumps(summary, indent=2, default=str) + "\n")
-    fs.mv(tmp, final)
-    return final
+    """The commit marker: written last and atomically, so it is there only when all parts are."""
+    fs, root = filesystem(output)
+    write_atomic(fs, f"{root}/{RUN_MARKER}", (json.dumps(summary, indent=2, default=str) + "\n").encode())
+    return full_url(fs, f"{root}/{RUN_MARKER}")

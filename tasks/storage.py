@@ -12,12 +12,38 @@ import uuid
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def filesystem(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for `url` and the path within it (no trailing slash)."""
     fs, path = fsspec.core.url_to_fs(str(url))
     return fs, path.rstrip("/") or "/"
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """True for `s3://bucket/key` and other fsspec URLs, False for a plain local path."""
+    return "://" in str(location)
+
+
+def object_paths(uris: list[str]) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The filesystem of `uris` (all in one store, as a manifest's are) and each one's path within it."""
+    fs, _ = filesystem(uris[0])
+    return fs, [fs._strip_protocol(u) for u in uris]
+
+
+_CONNECTION_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                         "AWS_SESSION_TOKEN")
+
+
+def redact(message: str) -> str:
+    """`message` (e.g. a botocore error about to be logged or written to a table) without the endpoint or keys."""
+    for name in _CONNECTION_VARIABLES:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            message = message.replace(value.rstrip("/"), f"<{name}>")
+    return message
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -74,3 +100,19 @@ def listdir_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
     except FileNotFoundError:
         return []
+
+
+def read_parquet(url: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file at any URL, read through its filesystem (after dropping s3fs's cached listing of it)."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def write_parquet(table: pa.Table, url: str | os.PathLike, **options: Any) -> str:
+    """Write `table` as one Parquet file with `write_atomic` (one complete PUT on S3); returns its URL."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, **options)
+    fs, path = filesystem(url)
+    write_atomic(fs, path, buf.getvalue().to_pybytes())
+    return full_url(fs, path)

@@ -104,3 +104,14 @@ def test_a_registry_reference_is_resolved_once_and_recorded_in_every_row(photos_
     latest = classify_images(input=str(photos_dir), output=str(tmp_path / "out2"), model="models:/seed/latest",
                              registry=registry_root, device="cpu")
     assert latest["model"]["version"] == "2"
+
+
+def test_half_written_files_of_a_killed_run_are_cleared_on_the_next_run(photos_dir, seed_model_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / "_errors").mkdir(parents=True)
+    leftovers = [out / ".part-000000-abc.parquet.1234abcd.tmp", out / "_errors" / ".part-000001-abc.parquet.99.tmp"]
+    for p in leftovers:
+        p.write_bytes(b"PAR1 half a file")
+    classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), device="cpu")
+    assert not any(p.exists() for p in leftovers)
+    assert len(pd.read_parquet(out)) == 9
