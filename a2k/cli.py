@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     c.add_argument("--num-threads", type=int, default=None, help="DALI CPU threads (default: cores, at most 8)")
     c.add_argument("--hw-decoder-load", type=float, default=0.65, help="share of JPEGs for the hardware decoder")
+    c.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="use at most this much GPU memory (e.g. 6 to run as an RTX A2000 6 GB); on OOM batches halve")
     c.add_argument("--overwrite", action="store_true", help="replace parts in OUTPUT left by another input or model")
     c.add_argument("--registry", default=None, help="registry folder or s3:// URL (default: $A2K_REGISTRY or $A2K_HOME/models)")
 
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the temporary server's first start (database migrations) can outlast Prefect's 20 s default on a cold machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # warnings of the plain functions (e.g. GPU out-of-memory back-off) show in the Prefect run's log
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
     from prefect.exceptions import ParameterTypeError
     from pydantic import ValidationError
 

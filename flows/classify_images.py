@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from a2k.devices import resolve_device
-from flows.params import BatchSize, DeviceSpec, HwDecoderLoad, ShardSize, Threads, TopK
+from flows.params import BatchSize, DeviceSpec, GpuMemoryGb, HwDecoderLoad, ShardSize, Threads, TopK
 from tasks.classify import RunContext, classify_shard_task
 from tasks.commit import commit_run, plan_shards, resumed_outcome, summary_markdown
 from tasks.manifest import list_images_task
@@ -41,6 +41,7 @@ class ClassifyImagesConfig(BaseModel):
     device: DeviceSpec
     num_threads: Threads | None
     hw_decoder_load: HwDecoderLoad
+    gpu_memory_gb: GpuMemoryGb | None
     overwrite: bool
     registry: str | None
 
@@ -114,6 +115,7 @@ def classify_images(
     device: DeviceSpec = "auto",
     num_threads: Threads | None = None,
     hw_decoder_load: HwDecoderLoad = 0.65,
+    gpu_memory_gb: GpuMemoryGb | None = None,
     overwrite: bool = False,
     registry: str | None = None,
 ) -> dict[str, Any]:
@@ -127,13 +129,16 @@ def classify_images(
     log = get_run_logger()
     cfg = ClassifyImagesConfig(
         input=input, output=output, model=model, batch_size=batch_size, shard_size=shard_size, top_k=top_k,
-        device=device, num_threads=num_threads, hw_decoder_load=hw_decoder_load, overwrite=overwrite,
+        device=device, num_threads=num_threads, hw_decoder_load=hw_decoder_load, gpu_memory_gb=gpu_memory_gb,
+        overwrite=overwrite,
         registry=registry,
     )
     _, local_dir = resolve_model(cfg.model, cfg.registry)
     model_dir = str(local_dir)
     entry = read_entry(model_dir)
     dev = resolve_device(cfg.device)
+    if cfg.gpu_memory_gb and not dev.is_cuda:
+        raise ValueError(f"gpu_memory_gb {cfg.gpu_memory_gb} needs a CUDA device; device {cfg.device!r} is {dev}")
     ctx = RunContext(entry.name, entry.version, entry.weights_sha256, str(flow_run.id), cfg.top_k)
     log.info("model %s resolved to %s v%s (sha256 %s…) on %s", cfg.model, entry.name, entry.version,
              entry.weights_sha256[:12], dev)
@@ -142,12 +147,14 @@ def classify_images(
     manifest_path = f"{cfg.output}/{MANIFEST_FILE}"
     listed = list_images_task(cfg.input, manifest_path)
     plan = plan_shards(manifest_path, cfg.shard_size, entry, cfg.top_k, cfg.output, cfg.overwrite)
+    if retried := sum(p.retried for p in plan):
+        log.info("%d committed shard(s) hold images that could not be read last time: classifying them again", retried)
     list_seconds = time.perf_counter() - t0
 
     outcomes = [
         resumed_outcome(cfg.output, p.shard.index, part_name(p.key)) if p.committed else classify_shard_task(
             manifest_path, p.shard, cfg.output, p.key, model_dir, entry.weights_sha256, str(dev),
-            cfg.batch_size, cfg.num_threads, cfg.hw_decoder_load, ctx,
+            cfg.batch_size, cfg.num_threads, cfg.hw_decoder_load, ctx, cfg.gpu_memory_gb,
         )
         for p in plan
     ]

@@ -37,16 +37,53 @@ class Classifier:
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # load_model returns it ready for inference
         self.class_names = np.asarray(self.entry.class_names, dtype=object)
+        self.max_forward: int | None = None  # lowered when the GPU runs out of memory, kept for later batches
+
+    def top_k(self, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Softmax probabilities and class indices of the k best classes, computed on the device.
+
+        On GPU out-of-memory the batch is run in halves (and so on), and the smaller size is kept.
+        """
+        n = len(images)
+        size = min(self.max_forward or n, n)
+        while True:
+            try:
+                parts = [self._top_k(images[i : i + size], k) for i in range(0, n, size)]
+                break
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                log.warning("GPU out of memory running %s on %d images at once; continuing with %d",
+                            self.entry.name, size, size // 2)
+                size = self.max_forward = size // 2
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     @torch.inference_mode()
-    def top_k(self, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Softmax probabilities and class indices of the k best classes, computed on the device."""
+    def _top_k(self, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         x = images.to(self.device.torch_device, dtype=self.dtype, non_blocking=True)
         if self.device.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         probs = self.model(x).float().softmax(dim=1)
         scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
         return scores.cpu().numpy(), indices.cpu().numpy()
+
+
+def limit_gpu_memory(device: Device, budget_gb: float) -> torch.Tensor | None:
+    """Leave only `budget_gb` of the card free for this process (model, activations and DALI's pools alike),
+    to run as a smaller card would (e.g. 6 for an RTX A2000 6 GB): the rest is taken by one idle block."""
+    if not device.is_cuda:
+        raise ValueError(f"gpu_memory_gb {budget_gb} needs a CUDA device; the device is {device}")
+    free, total = torch.cuda.mem_get_info(device.torch_device)
+    budget = int(budget_gb * 2**30)
+    if budget > free:
+        raise ValueError(f"gpu_memory_gb {budget_gb} is more than the {free / 2**30:.1f} GiB free on {device} "
+                         f"({total / 2**30:.1f} GiB in all)")
+    ballast = torch.empty(free - budget, dtype=torch.uint8, device=device.torch_device)
+    log.info("GPU memory limited to %.1f GiB of %.1f GiB free on %s", budget_gb, free / 2**30, device)
+    return ballast
 
 
 @dataclass(frozen=True)
@@ -84,9 +121,11 @@ class ShardClassifier:
     """Everything a worker keeps between shards: the model on its device, the DALI decoder, the reader threads."""
 
     def __init__(
-        self, model_dir: str, device: str, batch_size: int, num_threads: int | None, hw_decoder_load: float = 0.65
+        self, model_dir: str, device: str, batch_size: int, num_threads: int | None, hw_decoder_load: float = 0.65,
+        gpu_memory_gb: float | None = None,
     ) -> None:
         self.device = resolve_device(device)
+        self.ballast = limit_gpu_memory(self.device, gpu_memory_gb) if gpu_memory_gb else None
         self.classifier = Classifier(model_dir, self.device)
         self.batch_size = batch_size
         self.decoder = ImageDecoder(
@@ -177,13 +216,14 @@ def _error_table(rows: list[tuple[str, Failure]], ctx: RunContext) -> pa.Table:
 
 @functools.lru_cache(maxsize=2)
 def shard_classifier(
-    model_dir: str, weights_sha256: str, device: str, batch_size: int, num_threads: int | None, hw_decoder_load: float
+    model_dir: str, weights_sha256: str, device: str, batch_size: int, num_threads: int | None, hw_decoder_load: float,
+    gpu_memory_gb: float | None = None,
 ) -> ShardClassifier:
     """One model load and one DALI pipeline per worker process, reused by all of its shards.
 
     The digest is part of the key so a changed model on disk is never served from the cache.
     """
-    return ShardClassifier(model_dir, device, batch_size, num_threads, hw_decoder_load)
+    return ShardClassifier(model_dir, device, batch_size, num_threads, hw_decoder_load, gpu_memory_gb)
 
 
 def classify_shard(
@@ -233,10 +273,12 @@ def classify_shard_task(
     num_threads: int | None,
     hw_decoder_load: float,
     ctx: RunContext,
+    gpu_memory_gb: float | None = None,
 ) -> ShardOutcome:
     from prefect import get_run_logger
 
-    worker = shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load)
+    worker = shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
+                              gpu_memory_gb)
     outcome = classify_shard(manifest_path, shard, output, key, worker, ctx)
     n = outcome.predicted + outcome.errors
     get_run_logger().info(

@@ -7,12 +7,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.classify import RunContext, ShardOutcome, part_key
+from tasks.decode import ErrorKind
 from tasks.manifest import Shard, make_shards
 from tasks.models import ModelEntry
 from tasks.sink import (
-    ERRORS_DIR, committed_parts, part_name, read_part_rows, remove_parts, remove_temporaries, write_run_marker,
+    ERRORS_DIR, committed_parts, error_parts, keep_only_parts, part_name, read_error_kinds, read_part_rows,
+    remove_temporaries, write_run_marker,
 )
 from tasks.storage import read_parquet
+
+
+# Kinds of error that say nothing about the image: the store or the disk could not be read this time (after
+# botocore's retries), so a later run tries the image again rather than keeping the shard as done.
+RETRIED_ERROR_KINDS = frozenset({ErrorKind.UNREADABLE.value})
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,7 @@ class PlannedShard:
     shard: Shard
     key: str
     committed: bool  # its part is already in the output from an earlier run
+    retried: bool = False  # it was committed, but with images that could not be read: done again
 
 
 def plan_shards(
@@ -28,7 +36,9 @@ def plan_shards(
     """Shard the manifest and match each shard to its part in `output`.
 
     Parts in `output` that belong to no shard of this plan (another input, model or setting) would mix
-    two runs in one dataset: refused, or removed when `overwrite` is set.
+    two runs in one dataset: refused, or removed when `overwrite` is set. A committed shard with images that
+    could not be read is done again. Every part of a shard about to be done is removed first, so no row of an
+    earlier attempt survives beside the new ones.
     """
     shards = make_shards(read_parquet(manifest_path, columns=["uri", "bytes", "mtime_ns", "etag"]), shard_size)
     keys = [part_key(s, entry, top_k) for s in shards]
@@ -39,9 +49,12 @@ def plan_shards(
             f"output {output!r} holds {len(stale)} part(s) from another input, model or setting "
             f"(e.g. {sorted(stale)[0]}); choose an empty output or pass overwrite=True to replace them"
         )
-    remove_parts(output, stale)
+    with_errors = (existing - stale) & error_parts(output)
+    retried = {n for n in with_errors if read_error_kinds(output, n) & RETRIED_ERROR_KINDS}
+    done = existing - stale - retried
+    keep_only_parts(output, done)
     remove_temporaries(output)  # half-written files of a run that was killed
-    return [PlannedShard(s, k, part_name(k) in existing) for s, k in zip(shards, keys)]
+    return [PlannedShard(s, k, part_name(k) in done, part_name(k) in retried) for s, k in zip(shards, keys)]
 
 
 def resumed_outcome(output: str, index: int, part: str) -> ShardOutcome:

@@ -67,6 +67,12 @@ def committed_parts(output: str | os.PathLike) -> set[str]:
     return {n for n in listdir_names(fs, root) if n.startswith("part-") and n.endswith(".parquet")}
 
 
+def error_parts(output: str | os.PathLike) -> set[str]:
+    """Names of the errors parts in `output` (temporary files excluded), listed fresh."""
+    fs, root = filesystem(output)
+    return {n for n in listdir_names(fs, f"{root}/{ERRORS_DIR}") if n.startswith("part-") and n.endswith(".parquet")}
+
+
 def remove_temporaries(output: str | os.PathLike) -> list[str]:
     """Delete the hidden temporary files a killed run left half-written (local outputs; S3 writes have none)."""
     fs, root = filesystem(output)
@@ -81,10 +87,32 @@ def remove_temporaries(output: str | os.PathLike) -> list[str]:
 
 def remove_parts(output: str | os.PathLike, names: set[str]) -> None:
     fs, root = filesystem(output)
-    for folder in (root, f"{root}/{ERRORS_DIR}"):
+    for folder in (root, f"{root}/{ERRORS_DIR}"):  # a shard's predictions part (its commit) before its errors part
         present = set(listdir_names(fs, folder))
         for name in sorted(names & present):
             fs.rm(f"{folder}/{name}")
+
+
+def keep_only_parts(output: str | os.PathLike, keep: set[str]) -> list[str]:
+    """Delete every predictions and errors part not named in `keep`; returns the names deleted.
+
+    An errors part is written before its shard's predictions part, so an attempt that failed in between leaves
+    one behind; left there, it would add a second row for an image the next attempt predicts.
+    """
+    gone = (committed_parts(output) | error_parts(output)) - keep
+    remove_parts(output, gone)
+    return sorted(gone)
+
+
+def read_error_kinds(output: str | os.PathLike, name: str) -> set[str]:
+    """The kinds of error in the errors part `name`; empty when there is no such part."""
+    fs, root = filesystem(output)
+    path = f"{root}/{ERRORS_DIR}/{name}"
+    fs.invalidate_cache(path)
+    try:
+        return set(pq.read_table(path, columns=["kind"], filesystem=fs).column("kind").to_pylist())
+    except FileNotFoundError:
+        return set()
 
 
 def read_part_rows(output: str | os.PathLike, name: str, subdir: str = "") -> int:

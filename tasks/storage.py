@@ -58,15 +58,26 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Create `path` holding `data` only if it does not exist yet; False if someone else created it first.
 
-    Local: O_EXCL. S3: a conditional PUT (If-None-Match: *), which S3, MinIO and moto honour.
+    Local: O_EXCL. S3: a conditional PUT (If-None-Match: *), which S3, MinIO and moto honour. When the store
+    carried out our PUT but its answer was lost (a 500 or a dropped connection), botocore's retry is refused as
+    if someone else had created the object; it is ours if it holds our bytes, so callers put something unique
+    in `data` (a stamp) where it matters who won.
     """
     fs.makedirs(fs._parent(path), exist_ok=True)
     try:
         with fs.open(path, "xb") as f:
             f.write(data)
     except FileExistsError:
-        return False
+        return not is_local(fs) and _holds(fs, path, data)
     return True
+
+
+def _holds(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    fs.invalidate_cache(path)
+    try:
+        return fs.size(path) == len(data) and fs.cat_file(path) == data
+    except FileNotFoundError:
+        return False
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

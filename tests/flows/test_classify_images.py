@@ -115,3 +115,10 @@ def test_half_written_files_of_a_killed_run_are_cleared_on_the_next_run(photos_d
     classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), device="cpu")
     assert not any(p.exists() for p in leftovers)
     assert len(pd.read_parquet(out)) == 9
+
+
+def test_a_gpu_memory_limit_without_a_gpu_is_refused_before_any_work(photos_dir, seed_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="gpu_memory_gb 6.0 needs a CUDA device; device 'cpu' is cpu"):
+        classify_images(input=str(photos_dir), output=str(tmp_path / "out"), model=str(seed_model_dir), device="cpu",
+                        gpu_memory_gb=6)
+    assert not list((tmp_path / "out").glob("**/*.parquet"))

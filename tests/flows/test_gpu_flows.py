@@ -27,3 +27,32 @@ def test_gpu_training_and_fp16_classification_agree_with_the_cpu_path(digits_dir
     assert agree / gpu.num_rows >= 0.99  # fp16 on the GPU vs fp32 on the CPU: ties may flip, nothing more
     scores = abs(gpu.column("score").to_numpy() - cpu.column("score").to_numpy())
     assert scores.max() < 0.02
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, caplog):
+    """ResNet-50 at batch 512 needs more than 1.5 GiB of activations: with that budget the forward pass
+    runs out of memory, halves until it fits, and every image still gets exactly one row."""
+    import logging
+    import shutil
+
+    import torch
+
+    from bench.classify_folder import make_model
+    from tasks.classify import shard_classifier
+    from tests.conftest import photo_paths
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(512):
+        src = photo_paths(64)[i % 64]
+        shutil.copy(src, images / f"{i:04d}_{src.name}")
+    model = make_model("resnet50", tmp_path / "resnet50", 1000)
+    with caplog.at_level(logging.WARNING, logger="tasks.classify"):
+        summary = classify_images(input=str(images), output=str(tmp_path / "out"), model=str(model), device="cuda",
+                                  batch_size=512, gpu_memory_gb=1.5)
+    assert summary["predicted"] == 512 and summary["errors"] == 0
+    assert "GPU out of memory" in caplog.text
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == 512 and len(set(table.column("image_uri").to_pylist())) == 512
+    shard_classifier.cache_clear()  # drop the worker holding the memory limit before other GPU tests
+    torch.cuda.empty_cache()
