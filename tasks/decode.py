@@ -1,8 +1,9 @@
 """Read image bytes and decode them with NVIDIA DALI: one pipeline definition for GPU (mixed) and CPU.
 
 Bad files never stop a batch: a cheap header check refuses what is plainly not a decodable image,
-and when DALI still fails on a batch, the batch is bisected until the failing files are isolated
-and every good file is decoded.
+files DALI cannot read or would read differently from the Pillow reference go to Pillow, and when DALI
+still fails on a batch, the batch is bisected until the failing files are isolated and every good file
+is decoded.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ import torch
 from PIL import Image
 
 from a2k.devices import Device
+from tasks.formats import is_truncated, pillow_reason, signature
 from tasks.preprocess import Augmentation, Preprocessing, pil_preprocess
 from tasks.storage import is_url, object_paths, redact
 
 log = logging.getLogger(__name__)
 
-# Formats DALI's image decoder reads (PIL's names for them); anything else is refused before decoding.
+# Formats DALI's image decoder reads (PIL's names for them), and those only Pillow decodes here (the first
+# frame of a GIF); anything else is refused before decoding.
 DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "JPEG2000", "PPM"})
+PILLOW_FORMATS = frozenset({"GIF"})
+# Pillow modes of 32-bit integer and floating-point samples: no standard 8-bit display, so not guessed at
+_WIDE_MODES = frozenset({"I", "F"})
 DEFAULT_MAX_PIXELS = 100_000_000
 
 
@@ -64,25 +70,41 @@ def read_image(uri: str) -> bytes | Failure:
 
 
 def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Failure | None:
-    """Refuse, from the header alone, what DALI should never be handed: empty, non-image, unsupported, huge."""
+    """Refuse, from the header alone, what should never be decoded: empty, not an image, unsupported, over
+    `max_pixels` (never allocated), or cut short. Pillow's own decompression-bomb limit (twice
+    `PIL.Image.MAX_IMAGE_PIXELS`, about 179 M pixels) still applies above `max_pixels`."""
     if not data:
         return Failure(ErrorKind.EMPTY, "file is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            fmt, (width, height) = im.format, im.size
+            fmt, mode, (width, height) = im.format, im.mode, im.size
     except Image.DecompressionBombError as e:
-        return Failure(ErrorKind.TOO_LARGE, str(e))
-    except Image.UnidentifiedImageError:
-        return Failure(ErrorKind.NOT_AN_IMAGE, "not a recognised image format (the header matches none)")
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for garbage; all mean "not an image"
-        return Failure(ErrorKind.NOT_AN_IMAGE, f"not a recognised image: {type(e).__name__}: {e}")
-    if fmt not in DALI_FORMATS:
-        return Failure(ErrorKind.UNSUPPORTED, f"format {fmt} is not decoded; supported: {', '.join(sorted(DALI_FORMATS))}")
-    if width * height > max_pixels:
-        return Failure(ErrorKind.TOO_LARGE, f"{width}x{height} is over the limit of {max_pixels} pixels")
+        return Failure(ErrorKind.TOO_LARGE, f"{e} (a2k's limit: {max_pixels} pixels)")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for garbage; _unreadable_header sorts them
+        return _unreadable_header(data, e)
+    if fmt not in DALI_FORMATS | PILLOW_FORMATS:
+        supported = ", ".join(sorted(DALI_FORMATS | PILLOW_FORMATS))
+        return Failure(ErrorKind.UNSUPPORTED, f"format {fmt} is not decoded; supported: {supported}")
+    if mode in _WIDE_MODES:
+        return Failure(ErrorKind.UNSUPPORTED, f"{fmt} with 32-bit integer or float samples (Pillow mode {mode}) is "
+                       "not decoded: it has no standard 8-bit display; 8- and 16-bit samples are")
     if width < 1 or height < 1:
         return Failure(ErrorKind.CORRUPT, f"header says {width}x{height}")
+    if width * height > max_pixels:
+        return Failure(ErrorKind.TOO_LARGE, f"{width}x{height} is over the limit of {max_pixels} pixels")
+    if is_truncated(data):
+        return Failure(ErrorKind.TRUNCATED, f"{fmt} file ends before its end marker ({len(data)} bytes)")
     return None
+
+
+def _unreadable_header(data: bytes, error: Exception) -> Failure:
+    """A header Pillow cannot parse: cut short when its format says so, else not (recognisably) an image."""
+    fmt = signature(data)
+    detail = "" if isinstance(error, Image.UnidentifiedImageError) else f": {type(error).__name__}: {error}"
+    if fmt and (is_truncated(data) or "truncated" in detail.lower()):
+        return Failure(ErrorKind.TRUNCATED, f"{fmt} file ends inside its header ({len(data)} bytes){detail}"[:500])
+    what = f"{fmt} signature, but no {fmt} header behind it" if fmt else "the header matches none"
+    return Failure(ErrorKind.NOT_AN_IMAGE, f"not a recognised image format ({what}){detail}"[:500])
 
 
 def read_objects(uris: list[str]) -> list[bytes | Failure]:
@@ -122,16 +144,25 @@ def load_blobs(uris: list[str], pool: ThreadPoolExecutor, max_pixels: int = DEFA
     return list(pool.map(lambda uri: _checked(read_image(uri)), uris))
 
 
-def _rescue(data: bytes, pre: Preprocessing, dali_message: str) -> torch.Tensor | Failure:
-    """A file DALI refused on its own: decode it with Pillow if Pillow can, else say why neither could."""
+def _decode_with_pillow(data: bytes, pre: Preprocessing, why: str) -> torch.Tensor | Failure:
+    """Decode one file with Pillow (the reference path) if Pillow can, else say why it could not."""
     try:
         return pil_preprocess(data, pre)
-    except OSError as e:
-        kind = ErrorKind.TRUNCATED if "truncated" in str(e).lower() else ErrorKind.CORRUPT
-        return Failure(kind, f"cannot decode: {e}")
-    except Exception as e:  # noqa: BLE001 - any Pillow failure on bad data is a corrupt file, not a crash
-        detail = dali_message.strip().splitlines()[-1] if dali_message.strip() else ""
-        return Failure(ErrorKind.CORRUPT, f"cannot decode: {type(e).__name__}: {e}; DALI: {detail}"[:500])
+    except Exception as e:  # noqa: BLE001 - any Pillow failure on bad data is an error row, not a crash
+        if "truncated" in str(e).lower() or is_truncated(data):
+            kind = ErrorKind.TRUNCATED
+        elif isinstance(e, Image.UnidentifiedImageError):  # as the header check says of it
+            kind = ErrorKind.NOT_AN_IMAGE
+        else:
+            kind = ErrorKind.CORRUPT
+        return Failure(kind, f"cannot decode: {type(e).__name__}: {e}; {why}"[:500])
+
+
+def _dali_reason(error: RuntimeError) -> str:
+    """The line of a DALI pipeline error that names the failure (its reason itself goes to stderr)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    after = lines.index("encountered:") + 1 if "encountered:" in lines else len(lines) - 1
+    return f"DALI: {lines[after]}" if lines else "DALI failed"
 
 
 def _torchvision_size(images, size: int):
@@ -165,7 +196,11 @@ def _image_pipeline(pre: Preprocessing, decode_device: str, augment: Augmentatio
     encoded = fn.external_source(name="encoded", dtype=types.UINT8)
     decoder_args = {"hw_decoder_load": hw_decoder_load} if decode_device == "mixed" else {}
     color = types.RGB if pre.channels == 3 else types.GRAY
-    images = fn.decoders.image(encoded, device=decode_device, output_type=color, **decoder_args)
+    # EXIF orientation applied as ImageOps.exif_transpose does, from the EXIF block (JPEG, PNG eXIf, WebP,
+    # TIFF tags); orientation kept elsewhere (XMP, PNG text) sends the file to Pillow (formats.pillow_reason)
+    images = fn.decoders.image(
+        encoded, device=decode_device, output_type=color, adjust_orientation=True, **decoder_args
+    )
     height, width = _torchvision_size(images, pre.resize)
     images = fn.resize(
         images, resize_y=height, resize_x=width, interp_type=pre.interpolation.dali, antialias=pre.antialias
@@ -253,38 +288,53 @@ class ImageDecoder:
         return torch.from_numpy(np.array(out.as_tensor()))
 
     def decode(self, blobs: list[bytes]) -> DecodedBatch:
-        """Decode up to `max_batch_size` images; a failing file is isolated by bisection, never fatal."""
+        """Decode up to `max_batch_size` images that passed `check_header`; a failing file is isolated by
+        bisection, never fatal. Files `pillow_reason` names are decoded by Pillow without trying DALI."""
         if len(blobs) > self.max_batch_size:
             raise ValueError(f"{len(blobs)} images given; this decoder takes at most {self.max_batch_size}")
-        tensors: list[torch.Tensor] = []
-        ok: list[int] = []
+        parts: list[tuple[list[int], torch.Tensor]] = []
         failures: dict[int, Failure] = {}
-        self._decode_range(blobs, list(range(len(blobs))), tensors, ok, failures)
-        if tensors:
-            images = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-        else:
+        to_pillow = {p: why for p, blob in enumerate(blobs) if (why := pillow_reason(blob))}
+        self._decode_range(blobs, [p for p in range(len(blobs)) if p not in to_pillow], parts, failures)
+        for p, why in to_pillow.items():
+            log.debug("image %d of the batch goes to Pillow: %s", p, why)
+            self._decode_one_with_pillow(blobs, p, why, parts, failures)
+        return self._assemble(parts, failures)
+
+    def _assemble(self, parts: list[tuple[list[int], torch.Tensor]], failures: dict[int, Failure]) -> DecodedBatch:
+        """One tensor with the decoded images in input order."""
+        if not parts:
             images = torch.empty((0, *self.pre.input_shape), dtype=self._dtype, device=self.device.torch_device)
+            return DecodedBatch(images=images, ok=[], failures=failures)
+        ok = [p for positions, _ in parts for p in positions]
+        images = torch.cat([t for _, t in parts]) if len(parts) > 1 else parts[0][1]
+        if ok != sorted(ok):
+            order = sorted(range(len(ok)), key=ok.__getitem__)
+            images = images[torch.tensor(order, device=images.device)]
+            ok = [ok[i] for i in order]
         return DecodedBatch(images=images, ok=ok, failures=failures)
 
-    def _decode_range(self, blobs, positions, tensors, ok, failures) -> None:
+    def _decode_one_with_pillow(self, blobs, position: int, why: str, parts, failures) -> None:
+        decoded = _decode_with_pillow(blobs[position], self.pre, why)
+        if isinstance(decoded, Failure):
+            failures[position] = decoded
+        else:
+            parts.append(([position], decoded.unsqueeze(0).to(self.device.torch_device, self._dtype)))
+
+    def _decode_range(self, blobs, positions: list[int], parts, failures) -> None:
         if not positions:
             return
         try:
-            tensors.append(self._run([blobs[p] for p in positions]))
-            ok.extend(positions)
+            parts.append((positions, self._run([blobs[p] for p in positions])))
             return
         except RuntimeError as e:
             # DALI's GPU decoder can leave the pipeline unusable after an error: start a fresh one
             self._pipe = None
             if len(positions) == 1:
-                rescued = _rescue(blobs[positions[0]], self.pre, str(e))
-                if isinstance(rescued, Failure):
-                    failures[positions[0]] = rescued
-                else:
+                self._decode_one_with_pillow(blobs, positions[0], _dali_reason(e), parts, failures)
+                if positions[0] not in failures:
                     log.warning("DALI could not decode image %d of the batch; decoded it with Pillow", positions[0])
-                    tensors.append(rescued.unsqueeze(0).to(self.device.torch_device, self._dtype))
-                    ok.append(positions[0])
                 return
         half = len(positions) // 2
-        self._decode_range(blobs, positions[:half], tensors, ok, failures)
-        self._decode_range(blobs, positions[half:], tensors, ok, failures)
+        self._decode_range(blobs, positions[:half], parts, failures)
+        self._decode_range(blobs, positions[half:], parts, failures)

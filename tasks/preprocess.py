@@ -90,7 +90,8 @@ class Augmentation:
 
 def pil_preprocess(data: bytes, pre: Preprocessing):
     """The same preprocessing with Pillow and torchvision: the reference DALI is checked against, and the
-    fallback for a file DALI cannot decode but Pillow can. Applies EXIF orientation. Returns float32 CHW."""
+    path for files DALI cannot decode (or would decode differently). Applies EXIF orientation, takes a
+    GIF's first frame, scales 16-bit samples to 8 bits. Returns float32 CHW."""
     import io
 
     import torch
@@ -98,7 +99,7 @@ def pil_preprocess(data: bytes, pre: Preprocessing):
     from torchvision.transforms import v2
 
     with Image.open(io.BytesIO(data)) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB" if pre.channels == 3 else "L")
+        im = _eight_bit(ImageOps.exif_transpose(im)).convert("RGB" if pre.channels == 3 else "L")
     transform = v2.Compose(
         [
             v2.PILToTensor(),
@@ -109,3 +110,15 @@ def pil_preprocess(data: bytes, pre: Preprocessing):
         ]
     )
     return transform(im)
+
+
+def _eight_bit(im):
+    """16-bit grayscale (Pillow modes I;16*) as 8-bit L, round(v * 255 / 65535) as DALI scales it: Pillow's
+    own convert clips every value over 255 to white. 16-bit RGB(A) already opens as 8-bit in Pillow."""
+    if im.mode not in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return im
+    import numpy as np
+    from PIL import Image
+
+    wide = np.asarray(im).astype(np.uint32)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
