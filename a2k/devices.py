@@ -64,3 +64,14 @@ def resolve_device(spec: str = "auto") -> Device:
     if not torch.cuda.is_available() or index >= torch.cuda.device_count():
         raise ValueError(f"device {spec!r} not found; available: {', '.join(available_devices())}")
     return Device("cuda", index)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA allocation failure, from torch or from DALI (which raises RuntimeError with CUDA's message)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("out of memory", "cudaerrormemoryallocation", "cuda_error_out_of_memory",
+                            "nvjpeg_status_allocator_failure")
+    )

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from a2k.devices import Device
-from tasks.formats import is_truncated, pillow_reason, signature
+from a2k.devices import Device, is_out_of_memory
+from tasks.formats import is_truncated, pillow_reason, plain_jpeg_size, signature
 from tasks.preprocess import Augmentation, Preprocessing, pil_preprocess
 from tasks.storage import is_url, object_paths, redact
 
@@ -75,6 +75,8 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Failure |
     `PIL.Image.MAX_IMAGE_PIXELS`, about 179 M pixels) still applies above `max_pixels`."""
     if not data:
         return Failure(ErrorKind.EMPTY, "file is empty (0 bytes)")
+    if (size := plain_jpeg_size(data)) is not None:  # nearly every photo: no Pillow needed
+        return _over_limit("JPEG", *size, max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, mode, (width, height) = im.format, im.mode, im.size
@@ -90,10 +92,16 @@ def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Failure |
                        "not decoded: it has no standard 8-bit display; 8- and 16-bit samples are")
     if width < 1 or height < 1:
         return Failure(ErrorKind.CORRUPT, f"header says {width}x{height}")
-    if width * height > max_pixels:
-        return Failure(ErrorKind.TOO_LARGE, f"{width}x{height} is over the limit of {max_pixels} pixels")
+    if too_large := _over_limit(fmt, width, height, max_pixels):
+        return too_large
     if is_truncated(data):
         return Failure(ErrorKind.TRUNCATED, f"{fmt} file ends before its end marker ({len(data)} bytes)")
+    return None
+
+
+def _over_limit(fmt: str, width: int, height: int, max_pixels: int) -> Failure | None:
+    if width * height > max_pixels:
+        return Failure(ErrorKind.TOO_LARGE, f"{fmt} of {width}x{height} is over the limit of {max_pixels} pixels")
     return None
 
 
@@ -330,6 +338,10 @@ class ImageDecoder:
         except RuntimeError as e:
             # DALI's GPU decoder can leave the pipeline unusable after an error: start a fresh one
             self._pipe = None
+            if is_out_of_memory(e):  # not the files' fault: smaller pieces need less memory, nothing is failed
+                torch.cuda.empty_cache()
+                log.warning("DALI ran out of GPU memory decoding %d images at once; decoding them in halves",
+                            len(positions))
             if len(positions) == 1:
                 self._decode_one_with_pillow(blobs, positions[0], _dali_reason(e), parts, failures)
                 if positions[0] not in failures:

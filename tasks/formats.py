@@ -24,6 +24,7 @@ _SIGNATURES = (
     (b"\xff\x4f\xff\x51", "JPEG2000"),
 )
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_PLAIN_SOF = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended sequential, progressive (Huffman)
 _XMP_ORIENTATION = b"tiff:Orientation"
 _PNG_EXIF_TEXT = (b"Raw profile type exif", b"XML:com.adobe.xmp")  # text keywords Pillow reads EXIF from
 
@@ -63,6 +64,27 @@ def is_truncated(data: bytes) -> bool:
     return False
 
 
+def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a complete, ordinary JPEG, read from its markers alone (about 5 us, against 45 us
+    for Pillow's header parser); None for anything else, which the Pillow header check then decides.
+
+    Ordinary: clean segments up to the scan, an 8-bit baseline, extended or progressive frame of 1, 3 or 4
+    components with a non-zero size, and the end-of-image marker within the last 64 bytes.
+    """
+    if not data.startswith(b"\xff\xd8\xff") or data.find(b"\xff\xd9", max(0, len(data) - 64)) < 0:
+        return None
+    size = None
+    try:
+        for marker, start, end in _jpeg_segments(data):
+            if marker in _SOF_MARKERS:
+                if marker not in _PLAIN_SOF or end - start < 6 or data[start] != 8 or data[start + 5] not in (1, 3, 4):
+                    return None
+                size = (int.from_bytes(data[start + 3 : start + 5], "big"), int.from_bytes(data[start + 1 : start + 3], "big"))
+    except (EOFError, ValueError):
+        return None
+    return size if size and min(size) >= 1 else None
+
+
 def pillow_reason(data: bytes) -> str | None:
     """Why this file goes to Pillow instead of DALI, or None (nearly every file).
 
@@ -83,7 +105,13 @@ def pillow_reason(data: bytes) -> str | None:
             reason, orientation_elsewhere = _webp_reason(data)
         else:
             return None
-    except (EOFError, ValueError):
+    except EOFError:
+        return None  # cut short: the header check has refused it already
+    except ValueError as e:
+        if fmt == "JPEG":
+            # bytes between header segments (e.g. a Photoshop block with a wrong length): Pillow skips them;
+            # DALI 2.4's CPU decoder refuses the file and, with other files in the batch, can crash the process
+            return f"JPEG with bytes between its header segments ({e}): DALI's parser refuses it"
         return None  # damaged: DALI fails on it and the Pillow rescue says how
     if reason or not orientation_elsewhere:
         return reason
