@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="use at most this much GPU memory (e.g. 6 to run as an RTX A2000 6 GB); on OOM batches halve")
     c.add_argument("--overwrite", action="store_true", help="replace parts in OUTPUT left by another input or model")
     c.add_argument("--registry", default=None, help="registry folder or s3:// URL (default: $A2K_REGISTRY or $A2K_HOME/models)")
+    c.add_argument("--full", action="store_true",
+                   help="classify every image again (default: only images new or changed since the last run)")
+    c.add_argument("--task-runner", default="local",
+                   help="local: in this process; dask: on a Dask cluster (a temporary one, or --dask-address)")
+    c.add_argument("--dask-address", default=None, help="scheduler of a running Dask cluster, e.g. tcp://host:8786")
+    c.add_argument("--dask-workers", type=int, default=None, help="workers of the temporary local Dask cluster")
 
     t = sub.add_parser("train", help="train a classifier on <root>/<class>/<file> and register it")
     t.add_argument("dataset")

@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field
 
 from a2k.devices import check_device_spec
+from tasks.runner import TaskRunnerKind
 
 BatchSize = Annotated[int, Field(ge=1, le=8192, description="images per GPU/CPU batch")]
 ShardSize = Annotated[int, Field(ge=1, le=1_000_000, description="images per shard (one task and one Parquet part each)")]
@@ -17,3 +18,9 @@ Epochs = Annotated[int, Field(ge=1, le=10_000)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 HwDecoderLoad = Annotated[float, Field(ge=0.0, le=1.0, description="share of JPEG decoding on the GPU's hardware decoder")]
 GpuMemoryGb = Annotated[float, Field(gt=0, le=4096, description="GiB of GPU memory to use, e.g. 6 to run as an RTX A2000 6 GB")]
+TaskRunnerChoice = Annotated[
+    TaskRunnerKind,
+    Field(description="local: shards one at a time in the flow's process; dask: on a Dask cluster (prefect-dask)"),
+]
+DaskAddress = Annotated[str, Field(min_length=1, description="address of a running Dask scheduler, e.g. tcp://host:8786")]
+DaskWorkers = Annotated[int, Field(ge=1, le=1024, description="workers of the temporary local Dask cluster")]

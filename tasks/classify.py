@@ -1,4 +1,8 @@
-"""Classify a shard of images: read bytes, decode with DALI, run the model in batches, write one Parquet part."""
+"""Classify a shard of images: read bytes, decode with DALI, run the model in batches, write one Parquet part.
+
+The stages overlap: reader threads fetch and header-check batch n+2, a decode thread runs DALI on batch n+1
+(on its own CUDA stream), and the calling thread runs the model on batch n and builds its Arrow rows.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,75 +20,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from a2k.devices import Device, resolve_device
+from a2k.devices import resolve_device
 from tasks.decode import DEFAULT_MAX_PIXELS, Failure, ImageDecoder, load_blobs
+from tasks.infer import Classifier, fit_batch_size, limit_gpu_memory
 from tasks.manifest import Shard
-from tasks.models import ModelEntry, load_model
+from tasks.models import ModelEntry
 from tasks.sink import ERROR_SCHEMA, ERRORS_DIR, PREDICTION_SCHEMA, part_name, write_part
 from tasks.storage import read_parquet
 
+__all__ = ["Classifier", "RunContext", "ShardClassifier", "ShardOutcome", "classify_shard", "limit_gpu_memory",
+           "part_key", "shard_classifier"]
+
 log = logging.getLogger(__name__)
 
-
-class Classifier:
-    """A loaded model on its device: fp16 and channels_last on CUDA, fp32 on the CPU."""
-
-    def __init__(self, model_dir: str, device: Device) -> None:
-        self.entry, model = load_model(model_dir)
-        self.device = device
-        self.dtype = torch.float16 if device.is_cuda else torch.float32
-        model = model.to(device.torch_device, dtype=self.dtype)
-        if device.is_cuda:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model  # load_model returns it ready for inference
-        self.class_names = np.asarray(self.entry.class_names, dtype=object)
-        self.max_forward: int | None = None  # lowered when the GPU runs out of memory, kept for later batches
-
-    def top_k(self, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Softmax probabilities and class indices of the k best classes, computed on the device.
-
-        On GPU out-of-memory the batch is run in halves (and so on), and the smaller size is kept.
-        """
-        n = len(images)
-        size = min(self.max_forward or n, n)
-        while True:
-            try:
-                parts = [self._top_k(images[i : i + size], k) for i in range(0, n, size)]
-                break
-            except torch.cuda.OutOfMemoryError:
-                if size == 1:
-                    raise
-                torch.cuda.empty_cache()
-                log.warning("GPU out of memory running %s on %d images at once; continuing with %d",
-                            self.entry.name, size, size // 2)
-                size = self.max_forward = size // 2
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-    @torch.inference_mode()
-    def _top_k(self, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        x = images.to(self.device.torch_device, dtype=self.dtype, non_blocking=True)
-        if self.device.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        probs = self.model(x).float().softmax(dim=1)
-        scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
-        return scores.cpu().numpy(), indices.cpu().numpy()
-
-
-def limit_gpu_memory(device: Device, budget_gb: float) -> torch.Tensor | None:
-    """Leave only `budget_gb` of the card free for this process (model, activations and DALI's pools alike),
-    to run as a smaller card would (e.g. 6 for an RTX A2000 6 GB): the rest is taken by one idle block."""
-    if not device.is_cuda:
-        raise ValueError(f"gpu_memory_gb {budget_gb} needs a CUDA device; the device is {device}")
-    free, total = torch.cuda.mem_get_info(device.torch_device)
-    budget = int(budget_gb * 2**30)
-    if budget > free:
-        raise ValueError(f"gpu_memory_gb {budget_gb} is more than the {free / 2**30:.1f} GiB free on {device} "
-                         f"({total / 2**30:.1f} GiB in all)")
-    ballast = torch.empty(free - budget, dtype=torch.uint8, device=device.torch_device)
-    log.info("GPU memory limited to %.1f GiB of %.1f GiB free on %s", budget_gb, free / 2**30, device)
-    return ballast
+READ_AHEAD = 3  # batches read and header-checked ahead of the model
+DECODE_AHEAD = 2  # batches decoded ahead of the model (each holds its images on the device)
 
 
 @dataclass(frozen=True)
@@ -117,22 +68,40 @@ def part_key(shard: Shard, entry: ModelEntry, top_k: int) -> str:
     return f"{shard.index:06d}-{digest}"  # the index keeps parts in listing order for readers
 
 
+@dataclass
+class _Decoded:
+    """One batch after the decode stage: which rows it holds, which failed and why, and the images."""
+
+    rows: list[int]  # manifest rows of `decoded.images`, in order
+    failures: list[tuple[int, Failure]]
+    images: torch.Tensor | None
+    ready: torch.cuda.Event | None  # recorded on the decode stream once `images` is complete
+
+
 class ShardClassifier:
-    """Everything a worker keeps between shards: the model on its device, the DALI decoder, the reader threads."""
+    """Everything a worker keeps between shards: the model on its device, the DALI decoder, the threads.
+
+    `batch_size=None` picks the largest batch that fits the GPU memory free to the process (`fit_batch_size`).
+    """
 
     def __init__(
-        self, model_dir: str, device: str, batch_size: int, num_threads: int | None, hw_decoder_load: float = 0.65,
-        gpu_memory_gb: float | None = None,
+        self, model_dir: str, device: str, batch_size: int | None, num_threads: int | None,
+        hw_decoder_load: float = 0.65, gpu_memory_gb: float | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.ballast = limit_gpu_memory(self.device, gpu_memory_gb) if gpu_memory_gb else None
         self.classifier = Classifier(model_dir, self.device)
+        pre = self.classifier.entry.preprocessing
+        if batch_size is None:
+            fit = fit_batch_size(self.classifier, pre)
+            log.info("automatic batch size on %s: %s", self.device, fit.describe())
+            batch_size = fit.batch_size
         self.batch_size = batch_size
-        self.decoder = ImageDecoder(
-            self.classifier.entry.preprocessing, self.device, batch_size, num_threads, hw_decoder_load=hw_decoder_load
-        )
+        self.decoder = ImageDecoder(pre, self.device, batch_size, num_threads, hw_decoder_load=hw_decoder_load)
         self.readers = ThreadPoolExecutor(max_workers=max(4, 2 * self.decoder.num_threads), thread_name_prefix="a2k-read")
-        self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-prefetch")
+        self.read_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-read-batch")
+        self.decode_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-decode")
+        self.decode_stream = torch.cuda.Stream(self.device.torch_device) if self.device.is_cuda else None
 
     def run(
         self, uris: list[str], true_labels: list[str | None], ctx: RunContext, max_pixels: int = DEFAULT_MAX_PIXELS
@@ -141,28 +110,43 @@ class ShardClassifier:
         start = time.perf_counter()
         pred_batches: list[pa.RecordBatch] = []
         err_rows: list[tuple[str, Failure]] = []
-        batches = [range(i, min(i + self.batch_size, len(uris))) for i in range(0, len(uris), self.batch_size)]
-        pending: Future | None = None
-        for n, rows in enumerate(batches):
-            blobs = pending.result() if pending else load_blobs([uris[i] for i in rows], self.readers, max_pixels)
-            if n + 1 < len(batches):  # read the next batch's files while this one decodes and runs
-                nxt = [uris[i] for i in batches[n + 1]]
-                pending = self.prefetch.submit(load_blobs, nxt, self.readers, max_pixels)
-            good = [(i, b) for i, b in zip(rows, blobs) if not isinstance(b, Failure)]
-            err_rows += [(uris[i], b) for i, b in zip(rows, blobs) if isinstance(b, Failure)]
-            if not good:
-                continue
-            decoded = self.decoder.decode([b for _, b in good])
-            err_rows += [(uris[good[p][0]], f) for p, f in decoded.failures.items()]
-            if not decoded.ok:
-                continue
-            scores, indices = self.classifier.top_k(decoded.images, ctx.top_k)
-            kept = [good[p][0] for p in decoded.ok]
-            pred_batches.append(
-                _prediction_batch(
-                    [uris[i] for i in kept], [true_labels[i] for i in kept], scores, indices, self.classifier.class_names, ctx
-                )
-            )
+        batches = [list(range(i, min(i + self.batch_size, len(uris)))) for i in range(0, len(uris), self.batch_size)]
+        reads: deque[Future] = deque()
+        decodes: deque[Future] = deque()
+
+        def read(n: int) -> Future:
+            return self.read_stage.submit(load_blobs, [uris[i] for i in batches[n]], self.readers, max_pixels)
+
+        def decode(n: int, blobs: Future) -> Future:
+            return self.decode_stage.submit(self._decode, batches[n], blobs)
+
+        try:
+            for n in range(min(READ_AHEAD, len(batches))):
+                reads.append(read(n))
+            for n in range(len(batches)):
+                while len(decodes) < DECODE_AHEAD and n + len(decodes) < len(batches):
+                    m = n + len(decodes)
+                    decodes.append(decode(m, reads.popleft()))
+                    if m + READ_AHEAD < len(batches):
+                        reads.append(read(m + READ_AHEAD))
+                batch = decodes.popleft().result()
+                err_rows += [(uris[i], f) for i, f in batch.failures]
+                if batch.images is None:
+                    continue
+                if batch.ready is not None:
+                    torch.cuda.current_stream(self.device.torch_device).wait_event(batch.ready)
+                    batch.images.record_stream(torch.cuda.current_stream(self.device.torch_device))
+                scores, indices = self.classifier.top_k(batch.images, ctx.top_k)
+                pred_batches.append(_prediction_batch(
+                    [uris[i] for i in batch.rows], [true_labels[i] for i in batch.rows], scores, indices,
+                    self.classifier.class_names, ctx,
+                ))
+        finally:  # a failed stage: let the others finish before the next shard reuses the decoder
+            for f in (*decodes, *reads):
+                f.cancel()
+            for f in (*decodes, *reads):
+                if not f.cancelled():
+                    f.exception()
         predictions = pa.Table.from_batches(pred_batches, schema=PREDICTION_SCHEMA)
         errors = _error_table(err_rows, ctx)
         if predictions.num_rows + errors.num_rows != len(uris):
@@ -170,6 +154,26 @@ class ShardClassifier:
                 f"{len(uris)} images in, {predictions.num_rows} predicted + {errors.num_rows} errors out: rows were lost"
             )
         return predictions, errors, time.perf_counter() - start
+
+    def _decode(self, rows: list[int], blobs_future: Future) -> _Decoded:
+        """The decode stage of one batch, on the decode thread (and the decode CUDA stream)."""
+        blobs = blobs_future.result()
+        good = [(i, b) for i, b in zip(rows, blobs) if not isinstance(b, Failure)]
+        failures = [(i, b) for i, b in zip(rows, blobs) if isinstance(b, Failure)]
+        if not good:
+            return _Decoded([], failures, None, None)
+        if self.decode_stream is None:
+            decoded = self.decoder.decode([b for _, b in good])
+            ready = None
+        else:
+            with torch.cuda.stream(self.decode_stream):
+                decoded = self.decoder.decode([b for _, b in good])
+                ready = torch.cuda.Event()
+                ready.record(self.decode_stream)
+        failures += [(good[p][0], f) for p, f in decoded.failures.items()]
+        if not decoded.ok:
+            return _Decoded([], failures, None, None)
+        return _Decoded([good[p][0] for p in decoded.ok], failures, decoded.images, ready)
 
 
 def _now() -> datetime:
@@ -259,8 +263,18 @@ def classify_shard(
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from tasks.runner import gpu_slot, retry_on_transient  # noqa: E402
+from tasks.sink import remove_shard_parts  # noqa: E402
 
-@task(name="classify-shard", cache_policy=NO_CACHE)
+
+@task(
+    name="classify-shard",
+    cache_policy=NO_CACHE,  # the committed part is the cache: the flow skips a shard whose part is in place
+    retries=3,
+    retry_delay_seconds=[2, 4, 8],  # exponential back-off, with jitter below
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_on_transient,  # storage and network hiccups only; bad data is an errors row already
+)
 def classify_shard_task(
     manifest_path: str,
     shard: Shard,
@@ -277,13 +291,16 @@ def classify_shard_task(
 ) -> ShardOutcome:
     from prefect import get_run_logger
 
-    worker = shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
-                              gpu_memory_gb)
-    outcome = classify_shard(manifest_path, shard, output, key, worker, ctx)
+    with gpu_slot(resolve_device(device)) as slots:  # on CUDA: a slot of `gpu` and of this card, held to the end
+        worker = shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
+                                  gpu_memory_gb)
+        remove_shard_parts(output, part_name(key))  # what an earlier, failed attempt left
+        outcome = classify_shard(manifest_path, shard, output, key, worker, ctx)
     n = outcome.predicted + outcome.errors
     get_run_logger().info(
-        "shard %d: %d images, %d predicted, %d errors, %.0f images/s (decode+infer %.2fs, write %.2fs) on %s",
+        "shard %d: %d images, %d predicted, %d errors, %.0f images/s (decode+infer %.2fs, write %.2fs) on %s%s",
         shard.index, n, outcome.predicted, outcome.errors, n / max(outcome.decode_infer_seconds, 1e-9),
         outcome.decode_infer_seconds, outcome.write_seconds, worker.device,
+        f" holding concurrency slots {', '.join(slots)}" if slots else "",
     )
     return outcome

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.storage import filesystem, full_url, listdir_names, write_atomic, write_parquet
@@ -132,3 +133,54 @@ def write_run_marker(output: str | os.PathLike, summary: dict[str, Any]) -> str:
     fs, root = filesystem(output)
     write_atomic(fs, f"{root}/{RUN_MARKER}", (json.dumps(summary, indent=2, default=str) + "\n").encode())
     return full_url(fs, f"{root}/{RUN_MARKER}")
+
+
+def remove_shard_parts(output: str | os.PathLike, name: str) -> None:
+    """Delete a shard's predictions part (its commit) and then its errors part, where they exist: what a new
+    attempt at the shard does first, so no row of an earlier attempt survives beside its own."""
+    fs, root = filesystem(output)
+    for path in (f"{root}/{name}", f"{root}/{ERRORS_DIR}/{name}"):
+        fs.invalidate_cache(path)
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+
+def drop_rows(output: str | os.PathLike, name: str, uris: frozenset[str] | set[str]) -> int:
+    """Rewrite the part `name` (predictions and errors) without the rows of `uris`, each file in one atomic write;
+    a part left with no row at all is deleted. Returns the rows dropped; running it again drops nothing more."""
+    fs, root = filesystem(output)
+    paths = {subdir: f"{root}/{subdir}/{name}" if subdir else f"{root}/{name}" for subdir in ("", ERRORS_DIR)}
+    tables: dict[str, tuple[pa.Table, pa.Table]] = {}
+    for subdir, path in paths.items():
+        fs.invalidate_cache(path)
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+        except FileNotFoundError:
+            continue
+        keep = pc.invert(pc.is_in(table.column("image_uri"), pa.array(sorted(uris), pa.string())))
+        tables[subdir] = (table, table.filter(keep))
+    dropped = sum(t.num_rows - k.num_rows for t, k in tables.values())
+    if not dropped:
+        return 0
+    left = sum(k.num_rows for _, k in tables.values())
+    for subdir, (table, kept) in tables.items():  # predictions first: with no rows left, the shard is uncommitted first
+        if left == 0 or (subdir == ERRORS_DIR and kept.num_rows == 0):
+            fs.rm(paths[subdir])
+        elif kept.num_rows != table.num_rows:
+            write_part(kept.replace_schema_metadata(table.schema.metadata), output, name, subdir=subdir)
+    return dropped
+
+
+def read_error_rows(output: str | os.PathLike, name: str) -> dict[str, str]:
+    """image_uri -> kind of the errors part `name`; empty when there is no such part."""
+    fs, root = filesystem(output)
+    path = f"{root}/{ERRORS_DIR}/{name}"
+    fs.invalidate_cache(path)
+    try:
+        table = pq.read_table(path, columns=["image_uri", "kind"], filesystem=fs)
+    except FileNotFoundError:
+        return {}
+    return dict(zip(table.column("image_uri").to_pylist(), table.column("kind").to_pylist()))

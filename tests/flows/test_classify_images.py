@@ -40,11 +40,14 @@ def test_flow_writes_a_dataset_that_pandas_and_duckdb_read_as_is(with_bad_files,
     assert marker["model"]["sha256"] == df["model_sha256"].iloc[0]
 
 
-def test_a_second_run_keeps_committed_shards_and_duplicates_nothing(photos_dir, seed_model_dir, tmp_path):
+def test_a_run_killed_before_its_commit_keeps_its_committed_shards_and_duplicates_nothing(photos_dir, seed_model_dir,
+                                                                                        tmp_path):
     out = tmp_path / "out"
     first = classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), shard_size=4, device="cpu")
-    part = sorted(out.glob("part-*.parquet"))[1]
-    part.unlink()  # as if the run had died before this shard
+    # as if the run had died before shard 1 and its commit: no part 1, no state, no marker
+    sorted(out.glob("part-*.parquet"))[1].unlink()
+    (out / "_a2k" / "state" / "images.parquet").unlink()
+    (out / "_a2k_run.json").unlink()
     second = classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), shard_size=4, device="cpu")
     assert second["resumed_shards"] == 2 and second["processed_this_run"] == 4
     df = pd.read_parquet(out)
@@ -52,15 +55,31 @@ def test_a_second_run_keeps_committed_shards_and_duplicates_nothing(photos_dir, 
     assert set(first["parts"]) == set(second["parts"])
 
 
-def test_parts_from_another_input_are_refused_unless_overwrite(photos_dir, seed_model_dir, tmp_path):
+def test_a_part_lost_after_the_commit_is_classified_again_and_nothing_else(photos_dir, seed_model_dir, tmp_path):
+    out = tmp_path / "out"
+    classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), shard_size=4, device="cpu")
+    sorted(out.glob("part-*.parquet"))[1].unlink()
+    second = classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), shard_size=4, device="cpu")
+    assert (second["retried"], second["unchanged"], second["processed_this_run"]) == (4, 5, 4)
+    df = pd.read_parquet(out)
+    assert len(df) == 9 and df["image_uri"].is_unique
+
+
+def test_another_setting_or_input_in_the_same_output_is_refused_unless_overwrite(photos_dir, seed_model_dir, tmp_path):
     out = tmp_path / "out"
     classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), device="cpu")
-    (sorted(photos_dir.rglob("*.JPEG"))[0]).unlink()
     with pytest.raises(ValueError, match="holds 1 part\\(s\\) from another input, model or setting"):
-        classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), device="cpu")
-    summary = classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), device="cpu",
+        classify_images(input=str(photos_dir), output=str(out), model=str(seed_model_dir), device="cpu", top_k=1)
+    other = photos_dir.parent / "other"
+    (other / "fish").mkdir(parents=True)
+    for p in sorted(photos_dir.rglob("*.JPEG"))[:3]:
+        (other / "fish" / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(ValueError, match="from another input, model or setting"):
+        classify_images(input=str(other), output=str(out), model=str(seed_model_dir), device="cpu")
+    assert len(pd.read_parquet(out)) == 9  # refused before any change
+    summary = classify_images(input=str(other), output=str(out), model=str(seed_model_dir), device="cpu",
                               overwrite=True)
-    assert summary["listed"] == 8 and len(pd.read_parquet(out)) == 8
+    assert summary["listed"] == 3 and summary["new"] == 3 and len(pd.read_parquet(out)) == 3
 
 
 @pytest.mark.parametrize(

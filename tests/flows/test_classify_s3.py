@@ -74,7 +74,7 @@ def test_s3_in_s3_out_accounts_for_every_image_once_and_a_rerun_resumes(s3_bucke
     assert SECRET not in json.dumps(summary, default=str)
 
     again = _run(source, out, seed_model_dir)
-    assert (again["resumed_shards"], again["processed_this_run"]) == (3, 0)
+    assert (again["unchanged"], again["processed_this_run"], again["resumed_shards"]) == (11, 0, 0)  # incremental
     assert again["parts"] == summary["parts"]
     assert len(_read(store, f"{s3_bucket}/out")) == 9 and len(_read(store, f"{s3_bucket}/out/_errors")) == 2
 

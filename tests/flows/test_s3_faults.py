@@ -67,8 +67,10 @@ def _check_output(store: s3fs.S3FileSystem, bucket: str, listed: dict[str, str])
     written = store.find(out)
     parts = sorted(p.rsplit("/", 1)[-1] for p in written if p.count("/") == 2 and p.endswith(".parquet"))
     assert marker["parts"] == parts and len(parts) == -(-len(listed) // SHARD_SIZE)
-    others = {p.removeprefix(f"{out}/") for p in written} - set(parts) - {"_a2k/manifest.parquet", "_a2k_run.json"}
+    others = {p.removeprefix(f"{out}/") for p in written} - set(parts) - {"_a2k_run.json"}
+    others = {p for p in others if not p.startswith("_a2k/") or p.rsplit("/", 1)[-1].startswith(".")}
     assert others <= {f"_errors/{name}" for name in parts}, others  # no temporary object, no write probe left
+    assert not store.exists(f"{out}/_a2k/state/pending.json")  # the run committed its state
     return preds, errors
 
 
@@ -171,8 +173,12 @@ def test_no_storage_key_reaches_the_logs_or_the_summary_artifact(
 
 def test_a_run_that_fails_after_writing_a_shards_errors_part_leaves_no_stale_error_rows_for_the_rerun(
         s3_endpoint, s3_bucket, photos_in_s3, seed_model_dir, monkeypatch):
-    """Shard 0 writes its errors part (one image unreadable), then its predictions part cannot be written: the run
-    fails. The rerun reads that image fine: it must not also stay in `_errors` from the failed attempt."""
+    """Shard 0 writes its errors part (one image unreadable), then its predictions part cannot be written, in each
+    of the task's attempts (Prefect retries the throttled write): the run fails once the other shards are done.
+    The rerun reads that image fine: it must not also stay in `_errors` from the failed attempts."""
+    from flows.classify_images import classify_shard_task
+
+    monkeypatch.setattr(classify_shard_task, "retry_delay_seconds", [0])  # the back-off itself is not under test
     first = "/" + min(photos_in_s3).removeprefix("s3://")
     part_0 = f"/{s3_bucket}/out/part-000000-"
     fail = lambda m, p: (m == "GET" and p == first) or (m == "PUT" and p.startswith(part_0))  # noqa: E731
@@ -182,15 +188,29 @@ def test_a_run_that_fails_after_writing_a_shards_errors_part_leaves_no_stale_err
         with pytest.raises(OSError):
             _classify(s3_bucket, seed_model_dir)
     store = _direct(s3_endpoint)
-    assert [r["kind"] for r in _read(store, f"{s3_bucket}/out/_errors")] == ["unreadable"]
+    assert _last_failed_shard_task().run_count == 1 + 3  # Prefect retried the throttled shard three times
+    assert {r["image_uri"]: r["kind"] for r in _read(store, f"{s3_bucket}/out/_errors")}[min(photos_in_s3)] == "unreadable"
     assert not store.exists(f"{s3_bucket}/out/_a2k_run.json")
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     s3fs.S3FileSystem.clear_instance_cache()
     summary = _classify(s3_bucket, seed_model_dir)
-    assert (summary["predicted"], summary["errors"], summary["resumed_shards"]) == (12, 1, 0)
+    assert (summary["predicted"], summary["errors"], summary["resumed_shards"]) == (12, 1, 4)  # all but shard 0
     _, errors = _check_output(store, s3_bucket, photos_in_s3)
     assert {r["image_uri"]: r["kind"] for r in errors} == {f"s3://{s3_bucket}/in/fish/cut.jpg": "truncated"}
+
+
+def _last_failed_shard_task():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    failed = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.FAILED])))
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_task_runs(task_run_filter=failed, sort=TaskRunSort.END_TIME_DESC, limit=1)
+    assert run.task_key.endswith("classify_shard_task") or run.name.startswith("classify-shard"), run.name
+    return run
 
 
 def test_images_that_could_not_be_read_are_retried_by_the_rerun_not_kept_as_committed(
@@ -207,7 +227,7 @@ def test_images_that_could_not_be_read_are_retried_by_the_rerun_not_kept_as_comm
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     s3fs.S3FileSystem.clear_instance_cache()
     again = _classify(s3_bucket, seed_model_dir)
-    assert (again["resumed_shards"], again["processed_this_run"]) == (3, 6)  # shards 0 and 1 hold the six birds
+    assert (again["retried"], again["unchanged"], again["processed_this_run"]) == (6, 7, 6)  # just the six birds
     assert (again["predicted"], again["errors"]) == (12, 1)
     _, errors = _check_output(_direct(s3_endpoint), s3_bucket, photos_in_s3)
     assert {r["image_uri"]: r["kind"] for r in errors} == {f"s3://{s3_bucket}/in/fish/cut.jpg": "truncated"}

@@ -1,0 +1,133 @@
+"""Run a model on decoded batches: fp16 channels_last on CUDA, top-k on the device, out-of-memory back-off,
+a GPU memory cap for emulating a small card, and the batch size that fits a memory budget."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from a2k.devices import Device
+from tasks.models import load_model
+from tasks.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+MAX_AUTO_BATCH = 256  # larger batches add memory and latency, not speed: ResNet-50 fp16 is flat past ~128
+CPU_BATCH = 64
+# What DALI holds per image of a batch besides the model's input: the decoded picture before resize (a
+# 500x375 RGB photo is 0.56 MB; larger photos more), resize buffers and nvJPEG's staging, with slack.
+DALI_BYTES_PER_IMAGE = 8 * 2**20
+DALI_FIXED_BYTES = 512 * 2**20  # nvJPEG handles, DALI's pools and its CUDA context share
+
+
+class Classifier:
+    """A loaded model on its device: fp16 and channels_last on CUDA, fp32 on the CPU."""
+
+    def __init__(self, model_dir: str, device: Device) -> None:
+        self.entry, model = load_model(model_dir)
+        self.device = device
+        self.dtype = torch.float16 if device.is_cuda else torch.float32
+        model = model.to(device.torch_device, dtype=self.dtype)
+        if device.is_cuda:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model  # load_model returns it ready for inference
+        self.class_names = np.asarray(self.entry.class_names, dtype=object)
+        self.max_forward: int | None = None  # lowered when the GPU runs out of memory, kept for later batches
+
+    def top_k(self, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Softmax probabilities and class indices of the k best classes, computed on the device.
+
+        On GPU out-of-memory the batch is run in halves (and so on), and the smaller size is kept.
+        """
+        n = len(images)
+        size = min(self.max_forward or n, n)
+        while True:
+            try:
+                parts = [self._top_k(images[i : i + size], k) for i in range(0, n, size)]
+                break
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                log.warning("GPU out of memory running %s on %d images at once; continuing with %d",
+                            self.entry.name, size, size // 2)
+                size = self.max_forward = size // 2
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    @torch.inference_mode()
+    def _top_k(self, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        x = images.to(self.device.torch_device, dtype=self.dtype, non_blocking=True)
+        if self.device.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        probs = self.model(x).float().softmax(dim=1)
+        scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+        return scores.cpu().numpy(), indices.cpu().numpy()
+
+    @torch.inference_mode()
+    def activation_bytes_per_image(self, pre: Preprocessing, probe: int = 8) -> int:
+        """Peak GPU memory one more image adds to a forward pass, measured at two batch sizes."""
+        peaks = []
+        for n in (probe, 2 * probe):
+            x = torch.zeros((n, *pre.input_shape), dtype=self.dtype, device=self.device.torch_device)
+            torch.cuda.synchronize(self.device.torch_device)
+            torch.cuda.reset_peak_memory_stats(self.device.torch_device)
+            base = torch.cuda.memory_allocated(self.device.torch_device)
+            self.model(x.contiguous(memory_format=torch.channels_last)).float().softmax(dim=1)
+            torch.cuda.synchronize(self.device.torch_device)
+            peaks.append(torch.cuda.max_memory_allocated(self.device.torch_device) - base)
+            del x
+        return max(1, (peaks[1] - peaks[0]) // probe)
+
+
+@dataclass(frozen=True)
+class BatchFit:
+    """How a batch size was chosen for a memory budget, for the log and the run's summary."""
+
+    batch_size: int
+    free_bytes: int
+    model_bytes_per_image: int
+    decode_bytes_per_image: int
+
+    def describe(self) -> str:
+        per_image = (self.model_bytes_per_image + self.decode_bytes_per_image) / 2**20
+        return (f"batch {self.batch_size}: {self.free_bytes / 2**30:.2f} GiB free, about {per_image:.1f} MiB an image "
+                f"({self.model_bytes_per_image / 2**20:.1f} model + {self.decode_bytes_per_image / 2**20:.1f} decode)")
+
+
+def fit_batch_size(classifier: Classifier, pre: Preprocessing, max_batch: int = MAX_AUTO_BATCH) -> BatchFit:
+    """The largest batch (a multiple of 8, at most `max_batch`) whose decode and forward pass fit in the GPU
+    memory now free to this process, after DALI's fixed share. On the CPU: `CPU_BATCH`."""
+    if not classifier.device.is_cuda:
+        return BatchFit(min(CPU_BATCH, max_batch), 0, 0, 0)
+    per_model = classifier.activation_bytes_per_image(pre)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(classifier.device.torch_device)
+    decode = DALI_BYTES_PER_IMAGE + 2 * int(np.prod(pre.input_shape)) * 2  # two fp16 batches in flight
+    usable = int(0.85 * (free - DALI_FIXED_BYTES))
+    fits = usable // (per_model + decode)
+    if fits < 1:
+        raise ValueError(f"not even one image fits: {free / 2**30:.2f} GiB free on {classifier.device}, "
+                         f"{(per_model + decode) / 2**20:.0f} MiB needed per image beside "
+                         f"{DALI_FIXED_BYTES / 2**20:.0f} MiB for DALI; give the run more GPU memory")
+    size = min(max_batch, fits)
+    return BatchFit(size if size < 8 else size - size % 8, free, per_model, decode)
+
+
+def limit_gpu_memory(device: Device, budget_gb: float) -> torch.Tensor | None:
+    """Leave only `budget_gb` of the card free for this process (model, activations and DALI's pools alike),
+    to run as a smaller card would (e.g. 6 for an RTX A2000 6 GB): the rest is taken by one idle block."""
+    if not device.is_cuda:
+        raise ValueError(f"gpu_memory_gb {budget_gb} needs a CUDA device; the device is {device}")
+    free, total = torch.cuda.mem_get_info(device.torch_device)
+    budget = int(budget_gb * 2**30)
+    if budget > free:
+        raise ValueError(f"gpu_memory_gb {budget_gb} is more than the {free / 2**30:.1f} GiB free on {device} "
+                         f"({total / 2**30:.1f} GiB in all)")
+    ballast = torch.empty(free - budget, dtype=torch.uint8, device=device.torch_device)
+    log.info("GPU memory limited to %.1f GiB of %.1f GiB free on %s", budget_gb, free / 2**30, device)
+    return ballast

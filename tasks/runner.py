@@ -1,0 +1,166 @@
+"""How shard tasks run: on which task runner (in-process or Dask), which failures are worth a retry, and which GPU
+slot a task holds while it uses a card."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from enum import Enum
+from typing import Any
+
+from a2k.devices import Device
+
+GPU_LIMIT = "gpu"  # global concurrency limit: one slot per card, shared by every flow that uses a card
+
+
+class TaskRunnerKind(str, Enum):
+    LOCAL = "local"  # the flow's own process, one shard at a time (as one GPU wants)
+    DASK = "dask"  # prefect-dask: a temporary local cluster, or the scheduler at `dask_address`
+
+
+def make_task_runner(kind: TaskRunnerKind | str, dask_address: str | None, device: Device, dask_workers: int | None):
+    """The Prefect task runner for the shard tasks (not started); refuses a combination it cannot run.
+
+    Dask without an address starts a temporary cluster: `dask_cuda.LocalCUDACluster` (one worker per visible GPU)
+    on CUDA, else a `LocalCluster` of `dask_workers` processes. Every worker runs one task at a time, so the model
+    and the DALI pipeline a worker process keeps (see `tasks.classify.shard_classifier`) serve one shard at a time.
+    """
+    kind = TaskRunnerKind(kind)
+    if kind is TaskRunnerKind.LOCAL:
+        if dask_address or dask_workers:
+            raise ValueError(f"dask_address {dask_address!r} and dask_workers {dask_workers!r} need task_runner "
+                             "'dask'; task_runner is 'local'")
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        if dask_workers:
+            raise ValueError(f"dask_workers {dask_workers} starts a local cluster; with dask_address {dask_address!r} "
+                             "the workers are the scheduler's: give one or the other")
+        return DaskTaskRunner(address=dask_address)
+    if device.is_cuda:
+        try:
+            import dask_cuda  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                f"task_runner 'dask' on {device} without dask_address needs dask-cuda for one worker per GPU "
+                "(pip install 'a2k[gpu]'), or give dask_address of a running scheduler"
+            ) from None
+        kwargs: dict[str, Any] = {"threads_per_worker": 1, "dashboard_address": None}
+        if dask_workers:
+            kwargs["n_workers"] = dask_workers
+        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=kwargs)
+    workers = dask_workers or max(1, min(4, (os.cpu_count() or 2) // 2))
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+# --- retries ---------------------------------------------------------------------------------------------------------
+
+# S3 error codes that say "try again later", not "this request is wrong"
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled", "TooManyRequests",
+    "RequestLimitExceeded", "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+    "BandwidthLimitExceeded", "PriorRequestNotComplete",
+})
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _is_transient_one(error: BaseException) -> bool:
+    import aiohttp
+    import botocore.exceptions as bce
+
+    if isinstance(error, bce.ClientError):
+        err = error.response.get("Error", {})
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return err.get("Code") in _TRANSIENT_CODES or status >= 500 or status == 429
+    return isinstance(error, (
+        bce.ConnectionError, bce.HTTPClientError,  # endpoint unreachable, connection closed or reset, read timeouts
+        aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError,
+        ConnectionError, TimeoutError,  # the builtins: reset, refused, aborted, timed out
+    ))
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """True for a storage or network failure that may pass: throttling, a 5xx, a connection that failed or timed out
+    (also when wrapped, as s3fs wraps botocore's errors in an OSError). Never for bad data, a bad parameter
+    (ValueError), a missing or forbidden object, or a bug."""
+    if isinstance(error, (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError)):
+        return False
+    return any(_is_transient_one(e) for e in _chain(error))
+
+
+def retry_on_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """`retry_condition_fn` for Prefect tasks: retry only when the failure is transient."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception as e:  # the result could not be read back: that failure is what we judge
+        error = e
+    return isinstance(error, BaseException) and is_transient_error(error)
+
+
+# --- the GPU slot ----------------------------------------------------------------------------------------------------
+
+def card_limit_name(device: Device) -> str:
+    """The per-card limit name: host and physical card (dask-cuda pins a worker with CUDA_VISIBLE_DEVICES, so
+    cuda:0 of two workers are two cards)."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    card = visible[device.index] if device.index is not None and device.index < len(visible) else str(device.index)
+    return f"{GPU_LIMIT}:{socket.gethostname()}:{card}"
+
+
+def ensure_limit(name: str, limit: int) -> bool:
+    """Create the global concurrency limit `name` with `limit` slots if the server has none by that name; an
+    existing one is left as its owner set it. True when it was created here."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+        except ObjectAlreadyExists:  # another process made it in between
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def gpu_slot(device: Device, timeout_seconds: float | None = None) -> Iterator[list[str]]:
+    """Hold one slot of the global limit `gpu` and the card's own limit (one slot) while using a CUDA device, so
+    two flows (say compress-model and classify-images) never share a card unasked; on the CPU, hold nothing.
+
+    Prefect skips (with a warning) a limit that does not exist; the card's limit is created here when missing,
+    `gpu` by the flow (`ensure_limit(GPU_LIMIT, cards)`) or by the operator: `prefect gcl create gpu --limit N`.
+    """
+    if not device.is_cuda:
+        yield []
+        return
+    from prefect.concurrency.sync import concurrency
+
+    names = [GPU_LIMIT, card_limit_name(device)]
+    ensure_limit(names[1], 1)  # one GET per shard: cheap beside a shard, and a deleted limit comes back
+    with concurrency(names, occupy=1, timeout_seconds=timeout_seconds):
+        yield names
+
+
+def ensure_gpu_limit() -> bool:
+    """Create the global limit `gpu` with one slot per card of this machine, unless the server has it already."""
+    import torch
+
+    return ensure_limit(GPU_LIMIT, max(1, torch.cuda.device_count()))

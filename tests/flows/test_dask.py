@@ -1,0 +1,46 @@
+"""The shard tasks on a Dask cluster (prefect-dask): the same rows as in-process, each image exactly once."""
+
+import pandas as pd
+import pytest
+
+from flows.classify_images import classify_images
+from tests.conftest import photo_paths
+
+
+@pytest.fixture
+def twelve_photos(tmp_path):
+    root = tmp_path / "photos"
+    for i, src in enumerate(photo_paths(12)):
+        dest = root / ("birds" if i % 2 else "fish") / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(src.read_bytes())
+    return root
+
+
+def _rows(out) -> pd.DataFrame:
+    return pd.read_parquet(out, columns=["image_uri", "label", "score"]).sort_values("image_uri").reset_index(drop=True)
+
+
+def test_a_two_worker_dask_cluster_writes_the_same_rows_as_the_in_process_run(twelve_photos, seed_model_dir, tmp_path):
+    common = {"input": str(twelve_photos), "model": str(seed_model_dir), "device": "cpu", "shard_size": 3,
+              "batch_size": 3, "top_k": 2}
+    local = classify_images(output=str(tmp_path / "local"), **common)
+    dask = classify_images(output=str(tmp_path / "dask"), task_runner="dask", dask_workers=2, **common)
+
+    assert dask["task_runner"] == "dask" and local["task_runner"] == "local"
+    assert (dask["listed"], dask["predicted"], dask["errors"], dask["processed_this_run"]) == (12, 12, 0, 12)
+    assert dask["parts"] == local["parts"]  # same shards, same deterministic part names
+    a, b = _rows(tmp_path / "local"), _rows(tmp_path / "dask")
+    assert b["image_uri"].is_unique and sorted(b["image_uri"]) == sorted(str(p) for p in twelve_photos.rglob("*.JPEG"))
+    assert list(a["image_uri"]) == list(b["image_uri"]) and list(a["label"]) == list(b["label"])
+    assert (a["score"] - b["score"]).abs().max() <= 1e-6
+
+
+def test_a_dask_address_with_a_local_cluster_size_is_refused_before_any_work(photos_dir, seed_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="dask_workers 2 starts a local cluster; with dask_address 'tcp://127.0.0.1:"):
+        classify_images(input=str(photos_dir), output=str(tmp_path / "out"), model=str(seed_model_dir), device="cpu",
+                        task_runner="dask", dask_address="tcp://127.0.0.1:1", dask_workers=2)
+    with pytest.raises(ValueError, match="need task_runner 'dask'"):
+        classify_images(input=str(photos_dir), output=str(tmp_path / "out"), model=str(seed_model_dir), device="cpu",
+                        dask_workers=2)
+    assert not list((tmp_path / "out").glob("**/*.parquet"))
