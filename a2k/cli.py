@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from a2k import cli_models
+from a2k import cli_compress, cli_models
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--registry", default=None)
 
     cli_models.add_parsers(sub)
+    cli_compress.add_parsers(sub)
     return p
 
 
@@ -90,6 +91,8 @@ def _run(args: argparse.Namespace) -> None:
         print(f"classify throughput:             {r['images_per_second']} images/s")
         print(f"model:                           {r['model']} (alias production) at {r['model_url']}")
         print(f"predictions:                     {r['output']}")
+    elif args.command == "compress":
+        cli_compress.run(args)
     else:
         cli_models.run(args)
 

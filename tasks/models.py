@@ -34,6 +34,7 @@ class WeightsFormat(str, Enum):
     STATE_DICT = "safetensors"  # a registered architecture + its state dict in safetensors
     TORCHSCRIPT = "torchscript"  # a TorchScript archive (architecture inside; no Python pickle)
     EXPORTED_PROGRAM = "torch.export"  # a torch.export program (.pt2)
+    INT8_WEIGHTS = "safetensors-int8"  # a state dict with int8 weights + per-channel scales, dequantized at load
 
 
 class Status(str, Enum):
@@ -155,7 +156,7 @@ class ModelEntry:
         check_model_name(self.name)
         object.__setattr__(self, "weights_format", WeightsFormat(self.weights_format))
         object.__setattr__(self, "status", Status(self.status))
-        if self.weights_format is WeightsFormat.STATE_DICT:
+        if self.weights_format in (WeightsFormat.STATE_DICT, WeightsFormat.INT8_WEIGHTS):
             _check_arch(self.architecture)
         if "/" in self.weights_file or self.weights_file.startswith("."):
             raise ValueError(f"weights file {self.weights_file!r} must be a plain file name")
@@ -289,11 +290,26 @@ def _load_state_dict(entry: ModelEntry, weights: Path) -> nn.Module:
     return model
 
 
+INT8_SCALE_PREFIX = "__int8_scale__."  # the scale of int8 tensor K is stored under INT8_SCALE_PREFIX + K
+
+
+def _load_int8_weights(entry: ModelEntry, weights: Path) -> nn.Module:
+    """int8 tensors with a per-output-channel scale are dequantized (q * scale) before loading."""
+    stored = load_file(str(weights))
+    scales = {k[len(INT8_SCALE_PREFIX):]: v for k, v in stored.items() if k.startswith(INT8_SCALE_PREFIX)}
+    state = {k: v.float() * scales[k].view(-1, *[1] * (v.dim() - 1)) if k in scales else v
+             for k, v in stored.items() if not k.startswith(INT8_SCALE_PREFIX)}
+    model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
 def _load_torchscript(entry: ModelEntry, weights: Path) -> nn.Module:
     return torch.jit.load(str(weights), map_location="cpu")
 
 
 def _load_exported_program(entry: ModelEntry, weights: Path) -> nn.Module:
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers the int8 (quantized_decomposed) ops
     return torch.export.load(str(weights)).module()  # captured in eval mode; its module refuses .eval()
 
 
@@ -301,6 +317,7 @@ _LOADERS: dict[WeightsFormat, Callable[[ModelEntry, Path], nn.Module]] = {
     WeightsFormat.STATE_DICT: _load_state_dict,
     WeightsFormat.TORCHSCRIPT: _load_torchscript,
     WeightsFormat.EXPORTED_PROGRAM: _load_exported_program,
+    WeightsFormat.INT8_WEIGHTS: _load_int8_weights,
 }
 
 

@@ -1,0 +1,155 @@
+"""The `compress-model` flow: apply a recipe chain to a registered model, measure parent and child the same way
+on the parent's test split, and register the child as `candidate` or as rejected, saying why."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from a2k.devices import resolve_device
+from a2k.home import a2k_home
+from flows.classify_images import classify_images
+from flows.params import BatchSize, DeviceSpec, Threads
+from tasks.compress import check_supported, check_target, device_capability, parse_chain
+from tasks.compress_apply import compress_task, recorded_splits
+from tasks.compress_measure import check_fits, comparison_rows, decide, format_table, measure_task
+from tasks.evaluate import evaluate_predictions
+from tasks.models import Status, read_entry, save_entry
+from tasks.registry import SCHEME, check_alias, fetch_model, get_model, register_model_task, set_alias
+from tasks.targets import get_target
+
+
+class CompressModelConfig(BaseModel):
+    """The checked parameters of one compression run: a bad recipe or target stops it before any work."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    recipes: list[str] = Field(min_length=1)
+    target: str | None
+    max_accuracy_drop: float = Field(ge=0, le=100)
+    device: DeviceSpec
+    batch_size: BatchSize
+    num_threads: Threads | None
+    alias: str
+    registry: str | None
+
+    @field_validator("recipes")
+    @classmethod
+    def _chain_valid(cls, v: list[str]) -> list[str]:
+        parse_chain(v)
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _target_known(cls, v: str | None) -> str | None:
+        return v if v is None else get_target(v).name
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_valid(cls, v: str) -> str:
+        return check_alias(v)
+
+
+@task(name="score-predictions", cache_policy=NO_CACHE)
+def score_task(predictions: str, class_names: list[str]) -> dict[str, Any]:
+    evaluation = evaluate_predictions(predictions, class_names)
+    return {"top1": evaluation.top1, "top5": evaluation.top5, "images": evaluation.images}
+
+
+def _evaluate(model: str, test_split: str, output: str, device: str, batch_size: int, registry: str | None,
+              class_names: list[str]) -> dict[str, Any]:
+    summary = classify_images(input=test_split, output=output, model=model, device=device, batch_size=batch_size,
+                              top_k=5, overwrite=True, registry=registry)
+    return {**score_task(output, class_names), "pipeline_images_per_second": summary["images_per_second"],
+            "errors": summary["errors"]}
+
+
+@flow(name="compress-model")
+def compress_model(
+    model: str,
+    recipes: list[str],
+    target: str | None = None,
+    max_accuracy_drop: float = 1.0,
+    device: DeviceSpec = "auto",
+    batch_size: BatchSize = 256,
+    num_threads: Threads | None = None,
+    alias: str = "candidate",
+    registry: str | None = None,
+) -> dict[str, Any]:
+    """Compress `model` (a models:/ reference or NAME for NAME@production) with `recipes` in order (e.g.
+    ["prune:0.3", "fp16"]), evaluate parent and child on the parent's recorded test split through the classify
+    path, and register the child as the next version: `alias` moves to it when top-1 drops at most
+    `max_accuracy_drop` points (and it fits `target`'s memory), else it is registered as rejected with the reason."""
+    log = get_run_logger()
+    cfg = CompressModelConfig(model=model, recipes=recipes, target=target, max_accuracy_drop=max_accuracy_drop,
+                              device=device, batch_size=batch_size, num_threads=num_threads, alias=alias,
+                              registry=registry)
+    chain = parse_chain(cfg.recipes)
+    dev = resolve_device(cfg.device)
+    check_supported(chain, dev.kind, device_capability(dev), f"device {dev}")
+    profile = get_target(cfg.target) if cfg.target else None
+    if profile:
+        check_target(chain, profile)
+    info = get_model(cfg.model if cfg.model.startswith(SCHEME) else f"{SCHEME}{cfg.model}@production", cfg.registry)
+    parent_dir = str(fetch_model(info, cfg.registry))
+    splits = recorded_splits(info, cfg.registry)
+    chain_text = " -> ".join(cfg.recipes)
+    run_id = str(flow_run.id)
+    work = a2k_home() / "compress" / f"{info.entry.name}-v{info.entry.version}-{run_id[:8]}"
+    staging = work / "child"
+    log.info("compressing %s with %s on %s%s", info.ref, chain_text, dev, f" for target {profile.name}" if profile else "")
+    lineage = {"recipe": f"compress: {chain_text}", "parent": str(info.ref), "chain": [c.to_dict() for c in chain],
+               "target": profile.to_dict() if profile else None, "device": str(dev), "run_id": run_id}
+    try:
+        report = compress_task(parent_dir, [c.to_dict() for c in chain], str(staging), str(dev), cfg.batch_size,
+                               splits, cfg.num_threads, lineage)
+        names = list(info.entry.class_names)
+        parent = {**_evaluate(str(info.ref), splits["test"], str(work / "parent-predictions"), str(dev),
+                              cfg.batch_size, cfg.registry, names),
+                  **measure_task(parent_dir, str(dev), cfg.batch_size)}
+        child = {**_evaluate(str(staging), splits["test"], str(work / "child-predictions"), str(dev), cfg.batch_size,
+                             cfg.registry, names),
+                 **measure_task(str(staging), str(dev), cfg.batch_size)}
+        fit = check_fits(child["memory_estimate"], child["peak_gpu_memory_bytes"], profile, cfg.batch_size) \
+            if profile else ""
+        decision = decide(parent["top1"], child["top1"], cfg.max_accuracy_drop, fit)
+        rows = comparison_rows(parent, child)
+        metrics = {"test_accuracy": child["top1"], "top1": child["top1"], "top5": child["top5"],
+                   "parent_top1": parent["top1"], "accuracy_drop_points": decision.accuracy_drop_points,
+                   **{k: child[k] for k in ("parameters", "flops", "images_per_second", "pipeline_images_per_second")},
+                   "peak_gpu_memory_bytes": child["peak_gpu_memory_bytes"] or 0,
+                   "memory_estimate_bytes": child["memory_estimate_bytes"]}
+        entry = read_entry(staging)
+        save_entry(staging, replace(entry, metrics=metrics, lineage={
+            **entry.lineage, "comparison": rows, "gate": {"max_accuracy_drop": cfg.max_accuracy_drop,
+                                                          "passed": decision.passed, "reason": decision.reason}}))
+        status = Status.READY if decision.passed else Status.REJECTED
+        registered = register_model_task(str(staging), info.entry.name, cfg.registry, status.value,
+                                         "" if decision.passed else decision.reason)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    version = int(registered["version"])
+    if decision.passed:
+        set_alias(info.entry.name, cfg.alias, version, cfg.registry)
+        log.info("%s passed the gate (%s): %s@%s -> version %d", registered["ref"], decision.reason,
+                 info.entry.name, cfg.alias, version)
+    else:
+        log.warning("%s REJECTED: %s; registered with status rejected, %s@%s not moved", registered["ref"],
+                    decision.reason, info.entry.name, cfg.alias)
+    create_table_artifact(rows, key=f"compress-{info.entry.name}-v{version}".lower().replace("_", "-").replace(".", "-"),
+                          description=f"{info.ref} vs {registered['ref']} ({chain_text}): "
+                                      f"{'passed' if decision.passed else 'REJECTED'}: {decision.reason}")
+    log.info("%s vs %s:\n%s", info.ref, registered["ref"], format_table(rows))
+    return {"parent": str(info.ref), "child": registered["ref"], "url": registered["url"], "recipes": cfg.recipes,
+            "status": status.value, "passed": decision.passed, "reason": decision.reason,
+            "accuracy_drop_points": decision.accuracy_drop_points, "alias": cfg.alias if decision.passed else None,
+            "target": cfg.target, "device": str(dev), "steps": report["steps"], "comparison": rows,
+            "parent_measures": parent, "child_measures": child}

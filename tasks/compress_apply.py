@@ -1,0 +1,94 @@
+"""Apply a recipe chain to a parent model and stage the child: the parent's recorded splits, the chain, and the
+child written in the format its chain needs (state dict, int8 state dict or torch.export program)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.compress import (Candidate, CompressContext, RecipeConfig, Storage, apply_recipe, recipe_from_dict,
+                            same_architecture)
+from tasks.models import ModelEntry, WeightsFormat, save_model_dir, write_entry
+
+
+def save_candidate(candidate: Candidate, directory: Path, entry: ModelEntry, lineage: dict[str, Any],
+                   metrics: dict[str, float] | None = None) -> ModelEntry:
+    """Write the child's weights (in the format its chain needs) and model.json into `directory`."""
+    from tasks.compress_export import export_program
+    from tasks.compress_quant import save_int8_weights
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fields = dict(name=entry.name, version="0", architecture=entry.architecture, class_names=list(entry.class_names),
+                  preprocessing=entry.preprocessing, metrics=metrics, lineage=lineage)
+    for name, data in candidate.files.items():
+        (directory / name).write_bytes(data)
+    module = candidate.module.cpu()
+    if candidate.storage is Storage.PROGRAM or candidate.program is not None or not same_architecture(module, entry):
+        program = candidate.program or export_program(module, entry.preprocessing)
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        (directory / "model.pt2").write_bytes(buffer.getvalue())
+        return write_entry(directory, weights_file="model.pt2", weights_format=WeightsFormat.EXPORTED_PROGRAM, **fields)
+    if candidate.storage is Storage.INT8_WEIGHTS:
+        save_int8_weights(module, directory / "weights.safetensors")
+        return write_entry(directory, weights_format=WeightsFormat.INT8_WEIGHTS, **fields)
+    return save_model_dir(module, directory, **fields)
+
+
+def recorded_splits(info, registry: str | None = None) -> dict[str, str]:
+    """The split manifests (train, val, test) recorded with the version or its nearest ancestor that has them."""
+    from tasks.registry import get_model
+    from tasks.storage import filesystem
+
+    current = info
+    for _ in range(100):
+        manifests = current.entry.lineage.get("split", {}).get("manifests", {})
+        found = {s: f"{current.url}/{m}" for s, m in manifests.items()}
+        if found and all(filesystem(u)[0].exists(filesystem(u)[1]) for u in found.values()):
+            return found
+        if not current.entry.lineage.get("parent"):
+            break
+        current = get_model(current.entry.lineage["parent"], registry)
+    raise ValueError(f"{info.ref} has no recorded train/val/test split (nor has an ancestor): compression fine-tunes, "
+                     "calibrates and evaluates on the parent's splits; train the parent with `a2k train`")
+
+
+def compress(parent_dir: Path, chain: list[RecipeConfig], staging: Path, ctx: CompressContext,
+             lineage: dict[str, Any]) -> tuple[ModelEntry, list[dict[str, Any]]]:
+    """Load the parent, apply the chain in order, save the child (status decided later) into `staging`."""
+    from tasks.models import load_model
+
+    entry, module = load_model(parent_dir)
+    if entry.weights_format is not WeightsFormat.STATE_DICT:
+        raise ValueError(f"{entry.name} v{entry.version} is stored as {entry.weights_format.value}; compression "
+                         "starts from a state dict (safetensors) model")
+    candidate = Candidate(module.float().eval())
+    steps = [apply_recipe(candidate, cfg, ctx) for cfg in chain]
+    child = save_candidate(candidate, staging, entry, {**lineage, "steps": steps})
+    return child, steps
+
+
+# --- Prefect tasks -------------------------------------------------------------------------------------------------
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="compress", cache_policy=NO_CACHE)
+def compress_task(parent_dir: str, recipes: list[dict[str, Any]], staging: str, device: str, batch_size: int,
+                  splits: dict[str, str], num_threads: int | None, lineage: dict[str, Any]) -> dict[str, Any]:
+    """Apply the recipe chain to the parent and stage the child; returns what each step reported."""
+    from prefect import get_run_logger
+
+    from a2k.devices import resolve_device
+    from tasks.models import read_entry
+
+    log = get_run_logger()
+    ctx = CompressContext(Path(parent_dir), read_entry(parent_dir), resolve_device(device), batch_size, splits,
+                          num_threads)
+    child, steps = compress(Path(parent_dir), [recipe_from_dict(r) for r in recipes], Path(staging), ctx, lineage)
+    for step in steps:
+        log.info("%s: %s", step["recipe"], {k: v for k, v in step.items() if k not in ("recipe", "fine_tune")})
+    return {"steps": steps, "weights_format": child.weights_format.value, "weights_bytes": child.weights_bytes}
