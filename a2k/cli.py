@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("output", help="folder for the Parquet dataset")
     c.add_argument("--model", required=True,
                    help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest, NAME (= @production) or a folder")
-    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: the largest that fits the free GPU memory, at most 256; 64 on CPU)")
     c.add_argument("--shard-size", type=int, default=4096)
     c.add_argument("--top-k", type=int, default=5)
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

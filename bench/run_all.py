@@ -65,7 +65,7 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_a2k_flow(images_dir: str, model_dir: str, output_root: str, batch_size: int, device: str,
+def run_a2k_flow(images_dir: str, model_dir: str, output_root: str, batch_size: int | None, device: str,
                  hw_decoder_load: float, num_threads: int | None, gpu_memory_gb: float | None,
                  shard_size: int | None) -> list[dict]:
     """The real classify-images flow, files -> committed Parquet, on Prefect's ephemeral server: once cold (server
@@ -359,6 +359,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet50", help="architecture (random weights) or model directory")
     p.add_argument("--compressed-model", help="a second model directory, measured the same way")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--a2k-auto-batch", action="store_true",
+                   help="let classify-images pick its batch size for the free GPU memory (the others keep --batch-size)")
     p.add_argument("--shard-size", type=int, default=None, help="classify-images shard size (default: the flow's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-threads", type=int, default=None,
@@ -406,7 +408,8 @@ def _plan(args, images: str, models: list[tuple[str, str]]) -> list[tuple[str, s
             ("a2k", "3. a2k classify-images end to end", label, {
                 "images_dir": images, "model_dir": mdir, "output_root": str(out / f"a2k-{label}"),
                 "hw_decoder_load": args.hw_decoder_load, "num_threads": args.num_threads,
-                "shard_size": args.shard_size, **common}),
+                "shard_size": args.shard_size, **common,
+                **({"batch_size": None} if args.a2k_auto_batch else {})}),
             ("pil_dataloader", "4. PIL + DataLoader baseline", label,
              {"images_dir": images, "model_dir": mdir, "output": str(out / f"pil-{label}"), **common}),
             ("naive", "5. naive loop (DALI -> model -> Parquet)", label, {

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from tasks.commit import PlannedShard, RunPlan, commit_run, plan_run, resumed_ou
 from tasks.manifest import list_images_task
 from tasks.models import read_entry
 from tasks.registry import resolve_model
-from tasks.runner import GPU_LIMIT, TaskRunnerKind, ensure_gpu_limit, make_task_runner
+from tasks.runner import GPU_LIMIT, TaskRunnerKind, ensure_gpu_limit, gpu_slot, make_task_runner
 from tasks.sink import part_name
 from tasks.storage import filesystem, full_url, is_url, redact
 
@@ -44,7 +45,7 @@ class ClassifyImagesConfig(BaseModel):
     input: str
     output: str
     model: str
-    batch_size: BatchSize
+    batch_size: BatchSize | None
     shard_size: ShardSize
     top_k: TopK
     device: DeviceSpec
@@ -122,7 +123,7 @@ def classify_images(
     input: str,
     output: str,
     model: str,
-    batch_size: BatchSize = 256,
+    batch_size: BatchSize | None = None,
     shard_size: ShardSize = 4096,
     top_k: TopK = 5,
     device: DeviceSpec = "auto",
@@ -145,7 +146,8 @@ def classify_images(
     Runs are incremental: only images new or changed since the last committed run of the same input, weights and
     settings are classified (`full=True` starts over); rows of images gone from the source are dropped. Shards
     committed by a killed run are kept, not redone. `task_runner="dask"` runs the shards on a temporary local Dask
-    cluster (one worker per GPU with dask-cuda) or on the scheduler at `dask_address`.
+    cluster (one worker per GPU with dask-cuda) or on the scheduler at `dask_address`. `batch_size=None` takes the
+    largest batch (at most 256) that fits the GPU memory free to the run, or 64 on the CPU.
     """
     log = get_run_logger()
     cfg = ClassifyImagesConfig(
@@ -185,9 +187,15 @@ def classify_images(
         return {"manifest_path": plan.work_path, "shard": p.shard, "output": cfg.output, "key": p.key,
                 "model_dir": model_dir, "weights_sha256": entry.weights_sha256, "device": task_device,
                 "batch_size": cfg.batch_size, "num_threads": cfg.num_threads, "hw_decoder_load": cfg.hw_decoder_load,
-                "ctx": ctx, "gpu_memory_gb": cfg.gpu_memory_gb}
+                "ctx": ctx, "gpu_memory_gb": cfg.gpu_memory_gb, "take_gpu_slot": not local}
 
-    outcomes = _classify_shards(plan, runner, parameters, cfg.output)
+    # in this process the run holds the card once, for all its shards (a slot per shard cost ~2 s of Prefect's
+    # acquire back-off between shards on the H100); Dask workers each take their card's slot per shard
+    local = cfg.task_runner is TaskRunnerKind.LOCAL
+    with gpu_slot(dev) if local else contextlib.nullcontext([]) as slots:
+        if slots:
+            log.info("holding concurrency slots %s for the run", ", ".join(slots))
+        outcomes = _classify_shards(plan, runner, parameters, cfg.output)
     summary = commit_run(
         cfg.output, manifest_path, plan, outcomes, ctx, list_seconds,
         extra={"input": cfg.input, "output": cfg.output, "device": str(dev), "model_dir": model_dir,

@@ -6,6 +6,7 @@ The stages overlap: reader threads fetch and header-check batch n+2, a decode th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -288,10 +289,14 @@ def classify_shard_task(
     hw_decoder_load: float,
     ctx: RunContext,
     gpu_memory_gb: float | None = None,
+    take_gpu_slot: bool = True,
 ) -> ShardOutcome:
+    """Classify and commit one shard. On CUDA it holds a slot of `gpu` and of its card while it runs, unless the
+    caller holds them for it (`take_gpu_slot=False`: the flow, for a whole in-process run)."""
     from prefect import get_run_logger
 
-    with gpu_slot(resolve_device(device)) as slots:  # on CUDA: a slot of `gpu` and of this card, held to the end
+    dev = resolve_device(device)
+    with gpu_slot(dev) if take_gpu_slot else contextlib.nullcontext([]) as slots:
         worker = shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
                                   gpu_memory_gb)
         remove_shard_parts(output, part_name(key))  # what an earlier, failed attempt left

@@ -77,6 +77,12 @@ def _active(name: str) -> int:
 def gpu_limit():
     """The global `gpu` limit with one slot (a one-card machine); removed afterwards, with the card limits."""
     card = card_limit_name(Device("cuda", 0))
+    with get_client(sync_client=True) as client:  # one an earlier CUDA run of this session created
+        for name in (GPU_LIMIT, card):
+            try:
+                client.delete_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                pass
     assert ensure_limit(GPU_LIMIT, 1)
     yield GPU_LIMIT
     with get_client(sync_client=True) as client:
