@@ -22,36 +22,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
-def replicate(source: Path, dest: Path, count: int, classes: int = 100) -> int:
-    """`count` files copied round-robin from `source` into `classes` class folders (real bytes, not links)."""
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not files:
-        raise SystemExit(f"no images in {source}")
-    if dest.exists() and sum(1 for _ in dest.rglob("*.JPEG")) == count:
-        return count
-    shutil.rmtree(dest, ignore_errors=True)
-    for i in range(count):
-        src = files[i % len(files)]
-        target = dest / f"c{i % classes:03d}" / f"{i:07d}_{src.name}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, target)
-    return count
-
-
-def make_model(arch: str, directory: Path, num_classes: int) -> Path:
-    import torch
-
-    from tasks.models import build_model, default_preprocessing, save_model_dir
-
-    if (directory / "model.json").exists():
-        return directory
-    torch.manual_seed(0)
-    pre = default_preprocessing(arch)
-    save_model_dir(build_model(arch, num_classes, pre), directory, name=f"bench-{arch}", version="1", architecture=arch,
-                   class_names=[f"class_{i:04d}" for i in range(num_classes)], preprocessing=pre)
-    return directory
-
-
 def gpu_name() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -75,11 +45,12 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also append the JSON lines here")
     args = p.parse_args()
 
+    from bench.run_all import model_dir_for, replicate
     from flows.classify_images import classify_images
 
     images = args.workdir / "images"
-    n = replicate(args.source, images, args.count)
-    model_dir = make_model(args.arch, args.workdir / "models" / args.arch, 1000)
+    n = replicate(args.source, images, args.count, link=False)["count"]
+    _, model_dir = model_dir_for(args.arch, args.workdir)
     machine = f"{gpu_name()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
     for run in range(1, args.runs + 1):
         out = args.workdir / f"out-{args.arch}-{run}"

@@ -42,13 +42,13 @@ def main() -> None:
 
     import tempfile
 
-    from bench.classify_folder import make_model
+    from bench.run_all import model_dir_for
     from tasks.classify import RunContext, ShardClassifier
     from tasks.decode import check_header, load_blobs
 
     files = sorted(str(f) for f in args.source.iterdir() if f.suffix.lower() in (".jpeg", ".jpg"))
     uris = (files * (args.batch_size // len(files) + 1))[: args.batch_size]
-    model_dir = make_model(args.arch, Path(tempfile.mkdtemp()) / args.arch, 1000)
+    _, model_dir = model_dir_for(args.arch, Path(tempfile.mkdtemp()))
     worker = ShardClassifier(str(model_dir), args.device, args.batch_size, None)
     n = len(uris)
     rows = {}
