@@ -163,14 +163,12 @@ class ShardClassifier:
         failures = [(i, b) for i, b in zip(rows, blobs) if isinstance(b, Failure)]
         if not good:
             return _Decoded([], failures, None, None)
-        if self.decode_stream is None:
+        with torch.cuda.stream(self.decode_stream):  # no stream (CPU): no-op
             decoded = self.decoder.decode([b for _, b in good])
-            ready = None
-        else:
-            with torch.cuda.stream(self.decode_stream):
-                decoded = self.decoder.decode([b for _, b in good])
-                ready = torch.cuda.Event()
-                ready.record(self.decode_stream)
+        ready = None
+        if self.decode_stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(self.decode_stream)
         failures += [(good[p][0], f) for p, f in decoded.failures.items()]
         if not decoded.ok:
             return _Decoded([], failures, None, None)

@@ -18,7 +18,7 @@ from tasks.incremental import (
 from tasks.manifest import Shard, make_shards, write_manifest
 from tasks.models import ModelEntry
 from tasks.sink import (
-    ERRORS_DIR, committed_parts, drop_rows, error_parts, part_name, read_error_kinds, read_error_rows, read_part_rows,
+    ERRORS_DIR, committed_parts, drop_rows, error_parts, part_name, read_error_rows, read_part_rows,
     remove_parts, remove_temporaries, write_run_marker,
 )
 from tasks.storage import read_parquet
@@ -96,7 +96,7 @@ def plan_run(
             f"output {output!r} holds {len(stale)} part(s) from another input, model or setting "
             f"(e.g. {sorted(stale)[0]}); choose an empty output or pass overwrite=True to replace them"
         )
-    retried = {n for n in planned & preds & errs if read_error_kinds(output, n) & RETRIED_ERROR_KINDS}
+    retried = {n for n in planned & preds & errs if set(read_error_rows(output, n).values()) & RETRIED_ERROR_KINDS}
     done = (planned & preds) - retried
     write_pending(output, Pending(input, key, base, frozenset(planned), forced.union(*delta.drop.values())))
     # from here on the output changes; pending.json lets a resumed run recognise all of it as its own

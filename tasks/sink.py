@@ -94,28 +94,6 @@ def remove_parts(output: str | os.PathLike, names: set[str]) -> None:
             fs.rm(f"{folder}/{name}")
 
 
-def keep_only_parts(output: str | os.PathLike, keep: set[str]) -> list[str]:
-    """Delete every predictions and errors part not named in `keep`; returns the names deleted.
-
-    An errors part is written before its shard's predictions part, so an attempt that failed in between leaves
-    one behind; left there, it would add a second row for an image the next attempt predicts.
-    """
-    gone = (committed_parts(output) | error_parts(output)) - keep
-    remove_parts(output, gone)
-    return sorted(gone)
-
-
-def read_error_kinds(output: str | os.PathLike, name: str) -> set[str]:
-    """The kinds of error in the errors part `name`; empty when there is no such part."""
-    fs, root = filesystem(output)
-    path = f"{root}/{ERRORS_DIR}/{name}"
-    fs.invalidate_cache(path)
-    try:
-        return set(pq.read_table(path, columns=["kind"], filesystem=fs).column("kind").to_pylist())
-    except FileNotFoundError:
-        return set()
-
-
 def read_part_rows(output: str | os.PathLike, name: str, subdir: str = "") -> int:
     """Row count of a committed part, from its footer; 0 when there is no such part."""
     fs, root = filesystem(output)
