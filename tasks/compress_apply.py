@@ -40,20 +40,13 @@ def save_candidate(candidate: Candidate, directory: Path, entry: ModelEntry, lin
 
 def recorded_splits(info, registry: str | None = None) -> dict[str, str]:
     """The split manifests (train, val, test) recorded with the version or its nearest ancestor that has them."""
-    from tasks.registry import get_model
-    from tasks.storage import filesystem
+    from tasks.registry import nearest_split_urls
 
-    current = info
-    for _ in range(100):
-        manifests = current.entry.lineage.get("split", {}).get("manifests", {})
-        found = {s: f"{current.url}/{m}" for s, m in manifests.items()}
-        if found and all(filesystem(u)[0].exists(filesystem(u)[1]) for u in found.values()):
-            return found
-        if not current.entry.lineage.get("parent"):
-            break
-        current = get_model(current.entry.lineage["parent"], registry)
-    raise ValueError(f"{info.ref} has no recorded train/val/test split (nor has an ancestor): compression fine-tunes, "
-                     "calibrates and evaluates on the parent's splits; train the parent with `a2k train`")
+    urls = nearest_split_urls(info, registry)
+    if urls is None:
+        raise ValueError(f"{info.ref} has no recorded train/val/test split (nor has an ancestor): compression "
+                         "fine-tunes, calibrates and evaluates on the parent's splits; train the parent with `a2k train`")
+    return urls
 
 
 def compress(parent_dir: Path, chain: list[RecipeConfig], staging: Path, ctx: CompressContext,

@@ -372,21 +372,31 @@ def resolve_model(model: str, registry: str | None = None) -> tuple[ModelVersion
     return info, fetch_model(info, registry)
 
 
-def recorded_test_split(info: ModelVersion, registry: str | None = None) -> str:
-    """The version's own test split, or the nearest ancestor's (a compressed model keeps its parent's)."""
+def nearest_split_urls(info: ModelVersion, registry: str | None = None,
+                       required: tuple[str, ...] | None = None) -> dict[str, str] | None:
+    """URLs of the split manifests recorded with `info` or, failing that, its nearest ancestor (a compressed model
+    keeps its parent's): the `required` splits (every recorded one when None), each present in the store; None
+    when no version of the lineage has them."""
     current = info
     for _ in range(100):
-        split = current.entry.lineage.get("split", {}).get("manifests", {}).get("test")
-        if split:
-            url = f"{current.url}/{split}"
-            fs, path = filesystem(url)
-            if fs.exists(path):
-                return url
+        manifests = current.entry.lineage.get("split", {}).get("manifests", {})
+        urls = {s: f"{current.url}/{m}" for s, m in manifests.items() if required is None or s in required}
+        complete = urls and (required is None or set(required) <= urls.keys())
+        if complete and all(filesystem(u)[0].exists(filesystem(u)[1]) for u in urls.values()):
+            return urls
         parent = current.entry.lineage.get("parent")
         if not parent:
-            break
+            return None
         current = get_model(parent, registry)
-    raise ValueError(f"{info.ref} has no recorded test split (nor has an ancestor); give a labelled dataset to evaluate on")
+    return None
+
+
+def recorded_test_split(info: ModelVersion, registry: str | None = None) -> str:
+    """The version's own test split, or the nearest ancestor's (a compressed model keeps its parent's)."""
+    urls = nearest_split_urls(info, registry, required=("test",))
+    if urls is None:
+        raise ValueError(f"{info.ref} has no recorded test split (nor has an ancestor); give a labelled dataset to evaluate on")
+    return urls["test"]
 
 
 # --- Prefect tasks -------------------------------------------------------------------------------
