@@ -48,7 +48,7 @@ def fine_tune(module: nn.Module, teacher: nn.Module | None, cfg: PruneConfig, ct
     """Train on the parent's recorded train split through the training loader; report val accuracy per epoch."""
     from tasks.decode import ImageDecoder
     from tasks.preprocess import Augmentation
-    from tasks.train import _Batches, accuracy
+    from tasks.train import LabelledBatches, accuracy, train_epoch
 
     pre, device = ctx.entry.preprocessing, ctx.device
     flip = float(ctx.entry.lineage.get("train_config", {}).get("flip_probability", 0.0))  # as the parent was trained
@@ -62,30 +62,27 @@ def fine_tune(module: nn.Module, teacher: nn.Module | None, cfg: PruneConfig, ct
     teacher = teacher.to(device.torch_device).eval() if teacher is not None else None
     history = []
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="a2k-tune-read") as readers:
-        train = _Batches(train_table, class_index, ImageDecoder(pre, device, min(ctx.batch_size, 64), ctx.num_threads,
-                                                                augment=Augmentation(flip, seed=0)), readers)
-        val = _Batches(val_table, class_index, ImageDecoder(pre, device, ctx.batch_size, ctx.num_threads), readers)
+        train_decoder = ImageDecoder(pre, device, min(ctx.batch_size, 64), ctx.num_threads,
+                                     augment=Augmentation(flip, seed=0))
+        train = LabelledBatches(train_table, class_index, train_decoder, readers)
+        val = LabelledBatches(val_table, class_index, ImageDecoder(pre, device, ctx.batch_size, ctx.num_threads), readers)
         steps = max(1, cfg.epochs * math.ceil(train_table.num_rows / train.decoder.max_batch_size))
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         rng = np.random.default_rng(0)
+        def loss_of(logits: torch.Tensor, target: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+            loss = F.cross_entropy(logits, target)
+            if teacher is None:
+                return loss
+            with torch.no_grad():  # distillation from the parent
+                soft = (teacher(images) / cfg.temperature).softmax(1)
+            kl = F.kl_div((logits / cfg.temperature).log_softmax(1), soft, reduction="batchmean")
+            return 0.5 * loss + 0.5 * cfg.temperature**2 * kl
+
         for epoch in range(1, cfg.epochs + 1):
-            module.train()
-            t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-            for images, target in train.iterate(rng.permutation(len(train.uris))):
-                logits = module(images)
-                loss = F.cross_entropy(logits, target)
-                if teacher is not None:
-                    with torch.no_grad():
-                        soft = (teacher(images) / cfg.temperature).softmax(1)
-                    kl = F.kl_div((logits / cfg.temperature).log_softmax(1), soft, reduction="batchmean")
-                    loss = 0.5 * loss + 0.5 * cfg.temperature**2 * kl
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                loss_sum, seen = loss_sum + loss.item() * len(target), seen + len(target)
-            history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1), "val_accuracy": accuracy(module, val),
+            t0 = time.perf_counter()
+            loss = train_epoch(module, train, rng.permutation(len(train.uris)), optimizer, schedule.step, loss_of)
+            history.append({"epoch": epoch, "loss": loss, "val_accuracy": accuracy(module, val),
                             "seconds": time.perf_counter() - t0})
     return history
 

@@ -68,7 +68,7 @@ def split_manifest(manifest: pa.Table, val_fraction: float, test_fraction: float
     return {s: manifest.take(sorted(picks[s])) for s in SPLITS}
 
 
-class _Batches:
+class LabelledBatches:
     """Decoded, labelled batches of a manifest; bad files are skipped and counted."""
 
     def __init__(self, table: pa.Table, class_index: dict[str, int], decoder: ImageDecoder, readers: ThreadPoolExecutor):
@@ -96,13 +96,34 @@ class _Batches:
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, batches: _Batches) -> float:
+def accuracy(model: nn.Module, batches: LabelledBatches) -> float:
     model.eval()
     correct = total = 0
     for images, target in batches:
         correct += (model(images).argmax(dim=1) == target).sum().item()
         total += len(target)
     return correct / total if total else float("nan")
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: LabelledBatches,
+    order: np.ndarray,
+    optimizer: torch.optim.Optimizer,
+    step_schedule: Callable[[], None],
+    loss_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> float:
+    """One pass over `batches` in `order`, a step per batch; `loss_of(logits, target, images)`. The mean loss."""
+    model.train()
+    loss_sum, seen = 0.0, 0
+    for images, target in batches.iterate(order):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(model(images), target, images)
+        loss.backward()
+        optimizer.step()
+        step_schedule()
+        loss_sum, seen = loss_sum + loss.item() * len(target), seen + len(target)
+    return loss_sum / max(seen, 1)
 
 
 def train_classifier(
@@ -124,9 +145,9 @@ def train_classifier(
         pre, device, cfg.batch_size, num_threads, augment=Augmentation(cfg.flip_probability, seed=cfg.seed)
     )
     eval_decoder = ImageDecoder(pre, device, cfg.batch_size, num_threads)
-    train = _Batches(splits["train"], class_index, train_decoder, readers)
-    val = _Batches(splits["val"], class_index, eval_decoder, readers)
-    test = _Batches(splits["test"], class_index, eval_decoder, readers)
+    train = LabelledBatches(splits["train"], class_index, train_decoder, readers)
+    val = LabelledBatches(splits["val"], class_index, eval_decoder, readers)
+    test = LabelledBatches(splits["test"], class_index, eval_decoder, readers)
 
     steps = cfg.epochs * math.ceil(splits["train"].num_rows / cfg.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -134,20 +155,15 @@ def train_classifier(
     loss_fn = nn.CrossEntropyLoss()
     rng = np.random.default_rng(cfg.seed)
     history = []
+    def step_schedule() -> None:
+        if schedule.last_epoch + 1 < steps:
+            schedule.step()
+
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-        for images, target in train.iterate(rng.permutation(len(train.uris))):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(images), target)
-            loss.backward()
-            optimizer.step()
-            if schedule.last_epoch + 1 < steps:
-                schedule.step()
-            loss_sum += loss.item() * len(target)
-            seen += len(target)
-        val_acc = accuracy(model, val)
-        history.append({"epoch": epoch, "loss": loss_sum / max(seen, 1), "val_accuracy": val_acc,
+        t0 = time.perf_counter()
+        loss = train_epoch(model, train, rng.permutation(len(train.uris)), optimizer, step_schedule,
+                           lambda logits, target, _: loss_fn(logits, target))
+        history.append({"epoch": epoch, "loss": loss, "val_accuracy": accuracy(model, val),
                         "seconds": time.perf_counter() - t0})
         if on_epoch:
             on_epoch(history[-1])
