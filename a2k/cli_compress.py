@@ -13,7 +13,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                         "on its measured accuracy")
     c.add_argument("ref", help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest or NAME (= @production)")
     c.add_argument("--recipe", action="append", required=True, dest="recipes", metavar="RECIPE",
-                   help="repeat to chain, in order: prune:RATIO[,epochs=N,distill=true], sparse-2:4, fp16, bf16, "
+                   help="repeat to chain, in order: prune:RATIO[,epochs=N,distill=true,round_to=8], sparse-2:4, fp16, bf16, "
                         "int8-weights, int8-static[:N], export[:N]")
     c.add_argument("--target", default=None, choices=sorted(TARGETS),
                    help="check the recipes are supported there and the child fits its memory at --batch-size")

@@ -54,10 +54,16 @@ class PruneConfig(RecipeConfig):
     learning_rate: float = 1e-3
     distill: bool = False  # add a KL term towards the parent's soft predictions
     temperature: float = 4.0
+    # kept channel counts are rounded down to multiples of this: fp16 tensor-core convolutions want multiples
+    # of 8 (a ResNet-50 pruned without it ran at 0.70x its parent's speed on an H100 with half the FLOPs,
+    # bench/RESULTS.md); round_to=1 prunes exactly `ratio`
+    round_to: int = 8
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1:
             raise ValueError(f"prune ratio {self.ratio!r} must be between 0 and 1 (e.g. prune:0.3)")
+        if self.round_to < 1:
+            raise ValueError(f"prune round_to {self.round_to!r} must be at least 1 (8 suits fp16 tensor cores)")
         if self.epochs < 0 or not self.learning_rate > 0 or not self.temperature > 0:
             raise ValueError(f"prune epochs {self.epochs!r} must be >= 0, learning_rate {self.learning_rate!r} and "
                              f"temperature {self.temperature!r} positive")

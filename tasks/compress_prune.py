@@ -25,15 +25,18 @@ def _classifier_head(module: nn.Module, num_classes: int) -> list[nn.Module]:
     return heads[-1:]
 
 
-def prune_channels(module: nn.Module, ratio: float, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
-    """Remove `ratio` of the channels of every prunable layer (and what depends on them), lowest L2 norm first."""
+def prune_channels(module: nn.Module, ratio: float, input_shape: tuple[int, ...], num_classes: int,
+                   round_to: int = 1) -> dict[str, Any]:
+    """Remove `ratio` of the channels of every prunable layer (and what depends on them), lowest L2 norm first,
+    keeping a multiple of `round_to` channels in each."""
     import torch_pruning as tp
 
     module = module.float().cpu().eval()
     example = torch.zeros((1, *input_shape))
     before = {"parameters": count_parameters(module), "flops": count_flops(module, input_shape)}
     pruner = tp.pruner.MetaPruner(module, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                  pruning_ratio=ratio, ignored_layers=_classifier_head(module, num_classes))
+                                  pruning_ratio=ratio, ignored_layers=_classifier_head(module, num_classes),
+                                  round_to=round_to if round_to > 1 else None)
     pruner.step()
     after = {"parameters": count_parameters(module), "flops": count_flops(module, input_shape)}
     if after["parameters"] >= before["parameters"]:
@@ -89,7 +92,8 @@ def fine_tune(module: nn.Module, teacher: nn.Module | None, cfg: PruneConfig, ct
 
 def prune(candidate: Candidate, cfg: PruneConfig, ctx: CompressContext) -> dict[str, Any]:
     module = candidate.module
-    report = prune_channels(module, cfg.ratio, ctx.entry.preprocessing.input_shape, ctx.entry.num_classes)
+    report = prune_channels(module, cfg.ratio, ctx.entry.preprocessing.input_shape, ctx.entry.num_classes,
+                            cfg.round_to)
     teacher = load_model(ctx.parent_dir)[1].float() if cfg.distill else None
     report["fine_tune"] = fine_tune(module, teacher, cfg, ctx) if cfg.epochs else []
     candidate.module, candidate.storage = module.cpu().eval(), Storage.PROGRAM  # a pruned shape: stored as a program

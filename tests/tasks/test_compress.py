@@ -196,6 +196,9 @@ def test_pruning_removes_real_parameters_and_flops(trained_registry):
     assert report["flops_after"] == count_flops(model, (3, 32, 32)) < 0.6 * before[1]
     assert [m.out_channels for m in model.features if isinstance(m, torch.nn.Conv2d)] == [22, 44, 89]
     assert model.classifier[-1].out_features == 10 and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    _, rounded = load_model(ctx.parent_dir)
+    prune_channels(rounded, 0.3, (3, 32, 32), 10, round_to=8)  # the recipe's default: tensor-core friendly
+    assert [m.out_channels for m in rounded.features if isinstance(m, torch.nn.Conv2d)] == [16, 40, 88]  # rounded down
 
 
 def test_memory_estimate_and_the_a2000_budget():
