@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-size", type=int, default=4096)
     c.add_argument("--top-k", type=int, default=5)
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    c.add_argument("--num-threads", type=int, default=None, help="DALI CPU threads (default: cores, at most 8)")
+    c.add_argument("--num-threads", type=int, default=None, help="DALI CPU threads (default: the usable cores, at most 16)")
     c.add_argument("--hw-decoder-load", type=float, default=0.65, help="share of JPEGs for the hardware decoder")
     c.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="use at most this much GPU memory (e.g. 6 to run as an RTX A2000 6 GB); on OOM batches halve")

@@ -109,14 +109,15 @@ def decode_ceiling(images_dir: str, model_dir: str, batch_size: int, device: str
 
 def model_ceiling(model_dir: str, batch_size: int, device: str, images: int, gpu_memory_gb: float | None,
                   max_seconds: float = 30.0) -> dict:
-    """Images/s of the model's forward pass alone on random device-resident input at a2k's precision and layout
-    (fp16 channels_last on CUDA, fp32 on the CPU), after warm-up, timed between CUDA synchronizations.
-    Runs about `images` images (at least 10 batches), or fewer batches (at least 3) once `max_seconds` have
-    passed, as on a slow CPU; on out-of-memory the batch halves and the row says so."""
+    """Images/s of the model's forward pass alone (with the softmax) on random device-resident input, run as a2k
+    runs it (fp16 channels_last and a CUDA graph on CUDA where the model captures, fp32 eager on the CPU),
+    after warm-up, timed between CUDA synchronizations. Runs about `images` images (at least 10 batches), or
+    fewer batches (at least 3) once `max_seconds` have passed, as on a slow CPU; on out-of-memory the batch
+    halves and the row says so. On CUDA the eager rate is measured too and given in the notes."""
     from bench.baselines import load_classifier
 
     classifier, _ballast = load_classifier(model_dir, device, gpu_memory_gb)
-    dev, model = classifier.device, classifier.model
+    dev = classifier.device
     shape = classifier.entry.preprocessing.input_shape
     size = batch_size
     while True:
@@ -124,15 +125,21 @@ def model_ceiling(model_dir: str, batch_size: int, device: str, images: int, gpu
             x = torch.randn(size, *shape, device=dev.torch_device).to(classifier.dtype)
             if dev.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            seconds, iters = _time_forward(model, x, dev, max(10, math.ceil(images / size)), max_seconds)
+            iters = max(10, math.ceil(images / size))
+            eager = _time_forward(classifier.probabilities, x, dev, iters, max_seconds) if dev.is_cuda else None
+            graphed = classifier.capture(size)
+            seconds, iters = _time_forward(classifier.probabilities, x, dev, iters, max_seconds)
             break
         except torch.cuda.OutOfMemoryError:
             if size == 1:
                 raise
+            classifier.graph = None
             torch.cuda.empty_cache()
             size //= 2
     precision = "fp16 channels_last" if dev.is_cuda else "fp32"
-    note = f"{precision}, eager, {dev}, {torch.get_num_threads()} torch threads" + (
+    how = "CUDA graph" if graphed else "eager"
+    note = f"{precision}, {how}, {dev}, {torch.get_num_threads()} torch threads" + (
+        f"; eager: {size * eager[1] / eager[0]:,.0f} images/s" if eager and graphed else "") + (
         f"; batch {batch_size} ran out of memory, measured at {size}" if size != batch_size else "")
     return {"images": size * iters, "seconds": seconds, "batch_size": size, "notes": note}
 

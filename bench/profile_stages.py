@@ -1,6 +1,7 @@
-"""Time each stage of one classify batch separately (read+check, DALI decode, model top-k, Arrow rows).
+"""Time each stage of one classify batch separately (read + check, DALI decode, model top-k), each with the
+variants compared in bench/NOTES.md, then a whole shard through ShardClassifier.run with the stages overlapped.
 
-    python3 bench/profile_stages.py --source DIR [--arch resnet50] [--batch-size 256]
+    python3 bench/profile_stages.py --source DIR [--arch resnet50] [--batch-size 256] [--hw-decoder-load 0.65]
 """
 
 from __future__ import annotations
@@ -37,37 +38,57 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--readers", type=int, nargs="+", default=[16], help="reader thread counts to compare")
+    p.add_argument("--readers", type=int, nargs="+", default=[1, 16], help="reader thread counts to compare")
+    p.add_argument("--dali-threads", type=int, nargs="+", default=[8, 16], help="DALI thread counts to compare")
+    p.add_argument("--hw-decoder-load", type=float, default=0.65)
+    p.add_argument("--shard-batches", type=int, default=16, help="batches in the timed ShardClassifier.run")
     args = p.parse_args()
 
     import tempfile
 
     from bench.run_all import model_dir_for
     from tasks.classify import RunContext, ShardClassifier
-    from tasks.decode import check_header, load_blobs
+    from tasks.decode import ImageDecoder, ReadArena, check_header, load_blobs
 
-    files = sorted(str(f) for f in args.source.iterdir() if f.suffix.lower() in (".jpeg", ".jpg"))
+    files = sorted(str(f) for f in args.source.rglob("*") if f.suffix.lower() in (".jpeg", ".jpg"))
     uris = (files * (args.batch_size // len(files) + 1))[: args.batch_size]
     _, model_dir = model_dir_for(args.arch, Path(tempfile.mkdtemp()))
-    worker = ShardClassifier(str(model_dir), args.device, args.batch_size, None)
+    worker = ShardClassifier(str(model_dir), args.device, args.batch_size, None, args.hw_decoder_load)
     n = len(uris)
     rows = {}
     for count in args.readers:
         with ThreadPoolExecutor(count) as readers:
-            rows[f"read + header check ({count} threads)"] = timed(lambda: load_blobs(uris, readers), args.repeat)
-            blobs = load_blobs(uris, readers)
-    rows.update({
-        "header check only (1 thread)": timed(lambda: [check_header(b) for b in blobs], args.repeat),
-        f"DALI decode+resize+crop+normalize ({worker.device})": timed(lambda: worker.decoder.decode(blobs), args.repeat),
-    })
+            rows[f"read + check, a bytes object a file ({count} threads)"] = timed(
+                lambda: load_blobs(uris, readers), args.repeat)
+            arena = ReadArena()
+            rows[f"read + check, into a ReadArena ({count} threads)"] = timed(
+                lambda: load_blobs(uris, readers, arena=arena), args.repeat)
+    with ThreadPoolExecutor(16) as readers:
+        blobs = load_blobs(uris, readers)
+    data = [b.data for b in blobs]
+    rows["header check only (1 thread)"] = timed(lambda: [check_header(b) for b in data], args.repeat)
+    pre, dev = worker.classifier.entry.preprocessing, worker.device
+    for threads in args.dali_threads:
+        decoder = ImageDecoder(pre, dev, n, threads, hw_decoder_load=args.hw_decoder_load)
+        rows[f"DALI decode+resize+crop+normalize ({dev}, hw_decoder_load {args.hw_decoder_load}, {threads} threads)"] = \
+            timed(lambda: decoder.decode(blobs), args.repeat)
+        del decoder
     images = worker.decoder.decode(blobs).images
-    rows["model top-k incl. copy to host"] = timed(lambda: worker.classifier.top_k(images, 5), args.repeat)
+    graph, worker.classifier.graph = worker.classifier.graph, None
+    rows["model top-k incl. copy to host, eager"] = timed(lambda: worker.classifier.top_k(images, 5), args.repeat)
+    if graph is not None:
+        worker.classifier.graph = graph
+        rows["model top-k incl. copy to host, CUDA graph"] = timed(lambda: worker.classifier.top_k(images, 5), args.repeat)
     ctx = RunContext("m", "1", "x" * 64, "run", 5)
-    rows["whole batch (ShardClassifier.run)"] = timed(lambda: worker.run(uris, [None] * n, ctx), args.repeat)
-    print(f"batch of {n} images, {args.arch}, median of {args.repeat}")
+    shard = (files * (args.shard_batches * n // len(files) + 1))[: args.shard_batches * n]
+    sec = timed(lambda: worker.run(shard, [None] * len(shard), ctx), max(1, args.repeat // 4))
+    print(f"batch of {n} images, {args.arch}, median of {args.repeat}; DALI threads in the shard run: "
+          f"{worker.decoder.num_threads}")
     print("| stage | ms per batch | images/s |\n|---|---|---|")
-    for name, sec in rows.items():
-        print(f"| {name} | {sec * 1000:.1f} | {n / sec:,.0f} |")
+    for name, sec_ in rows.items():
+        print(f"| {name} | {sec_ * 1000:.1f} | {n / sec_:,.0f} |")
+    print(f"| ShardClassifier.run over {len(shard)} images (stages overlapped) | {sec * 1000 * n / len(shard):.1f} "
+          f"| {len(shard) / sec:,.0f} |")
 
 
 if __name__ == "__main__":

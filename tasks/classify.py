@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from a2k.devices import resolve_device
-from tasks.decode import DEFAULT_MAX_PIXELS, Failure, ImageDecoder, load_blobs
+from tasks.decode import DEFAULT_MAX_PIXELS, Failure, ImageDecoder, ReadArena, load_blobs
 from tasks.infer import Classifier, fit_batch_size, limit_gpu_memory
 from tasks.manifest import Shard
 from tasks.models import ModelEntry
@@ -36,6 +37,13 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD = 3  # batches read and header-checked ahead of the model
 DECODE_AHEAD = 2  # batches decoded ahead of the model (each holds its images on the device)
+# Read arenas in the ring: batch n is read into arena n % ARENAS. When batch n + READ_AHEAD is submitted,
+# batches n - 1 (its decode may still run) to n + READ_AHEAD - 1 still use theirs: READ_AHEAD + 2 in all.
+ARENAS = READ_AHEAD + DECODE_AHEAD + 1
+# Threads reading local files. Reads from the page cache are GIL-bound: 256 files took 11.7 ms on one thread
+# and 31 ms on 16 on the H100 machine (bench/NOTES.md); a few threads keep reads from cold disks or network
+# filesystems overlapping without that contention.
+LOCAL_READERS = 4
 
 
 @dataclass(frozen=True)
@@ -98,16 +106,25 @@ class ShardClassifier:
             log.info("automatic batch size on %s: %s", self.device, fit.describe())
             batch_size = fit.batch_size
         self.batch_size = batch_size
+        if self.device.is_cuda and self.classifier.capture(batch_size):
+            log.info("%s captured as a CUDA graph at batch %d", self.classifier.entry.name, batch_size)
         self.decoder = ImageDecoder(pre, self.device, batch_size, num_threads, hw_decoder_load=hw_decoder_load)
-        self.readers = ThreadPoolExecutor(max_workers=max(4, 2 * self.decoder.num_threads), thread_name_prefix="a2k-read")
+        self.readers = ThreadPoolExecutor(max_workers=LOCAL_READERS, thread_name_prefix="a2k-read")
         self.read_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-read-batch")
         self.decode_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-decode")
         self.decode_stream = torch.cuda.Stream(self.device.torch_device) if self.device.is_cuda else None
+        self.arenas = [ReadArena() for _ in range(ARENAS)]
+        self._busy = threading.Lock()
 
     def run(
         self, uris: list[str], true_labels: list[str | None], ctx: RunContext, max_pixels: int = DEFAULT_MAX_PIXELS
     ) -> tuple[pa.Table, pa.Table, float]:
-        """Predictions and errors for `uris` (every uri lands in exactly one), and seconds spent."""
+        """Predictions and errors for `uris` (every uri lands in exactly one), and seconds spent (not counting
+        the wait for a shard another thread is running: one shard at a time uses the decoder and the card)."""
+        with self._busy:
+            return self._run(uris, true_labels, ctx, max_pixels)
+
+    def _run(self, uris: list[str], true_labels: list[str | None], ctx: RunContext, max_pixels: int):
         start = time.perf_counter()
         pred_batches: list[pa.RecordBatch] = []
         err_rows: list[tuple[str, Failure]] = []
@@ -116,7 +133,9 @@ class ShardClassifier:
         decodes: deque[Future] = deque()
 
         def read(n: int) -> Future:
-            return self.read_stage.submit(load_blobs, [uris[i] for i in batches[n]], self.readers, max_pixels)
+            return self.read_stage.submit(
+                load_blobs, [uris[i] for i in batches[n]], self.readers, max_pixels, self.arenas[n % ARENAS]
+            )
 
         def decode(n: int, blobs: Future) -> Future:
             return self.decode_stage.submit(self._decode, batches[n], blobs)
@@ -217,16 +236,30 @@ def _error_table(rows: list[tuple[str, Failure]], ctx: RunContext) -> pa.Table:
     )
 
 
-@functools.lru_cache(maxsize=2)
+_BUILDING = threading.Lock()
+
+
 def shard_classifier(
     model_dir: str, weights_sha256: str, device: str, batch_size: int, num_threads: int | None, hw_decoder_load: float,
     gpu_memory_gb: float | None = None,
 ) -> ShardClassifier:
     """One model load and one DALI pipeline per worker process, reused by all of its shards.
 
-    The digest is part of the key so a changed model on disk is never served from the cache.
+    The digest is part of the key so a changed model on disk is never served from the cache. Two shard tasks
+    asking at once get the same one (built once, under a lock).
     """
+    with _BUILDING:
+        return _cached_shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
+                                        gpu_memory_gb)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
+                             gpu_memory_gb) -> ShardClassifier:
     return ShardClassifier(model_dir, device, batch_size, num_threads, hw_decoder_load, gpu_memory_gb)
+
+
+shard_classifier.cache_clear = _cached_shard_classifier.cache_clear  # type: ignore[attr-defined]
 
 
 def classify_shard(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -25,17 +26,18 @@ _SIGNATURES = (
 )
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _PLAIN_SOF = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended sequential, progressive (Huffman)
+_XMP_NS = b"http://ns.adobe.com/xap/1.0/"
 _XMP_ORIENTATION = b"tiff:Orientation"
 _PNG_EXIF_TEXT = (b"Raw profile type exif", b"XML:com.adobe.xmp")  # text keywords Pillow reads EXIF from
 
 
-def signature(data: bytes) -> str | None:
+def signature(data: bytes | memoryview) -> str | None:
     """The format the file's first bytes name (Pillow's name for it), or None when they name none we decode."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     if data[:2] == b"BM" and data[6:10] == b"\x00\x00\x00\x00":  # reserved bytes: zero in every BMP
         return "BMP"
-    return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
+    return next((fmt for magic, fmt in _SIGNATURES if data[: len(magic)] == magic), None)
 
 
 def is_truncated(data: bytes) -> bool:
@@ -64,25 +66,58 @@ def is_truncated(data: bytes) -> bool:
     return False
 
 
-def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a complete, ordinary JPEG, read from its markers alone (about 5 us, against 45 us
-    for Pillow's header parser); None for anything else, which the Pillow header check then decides.
+@dataclass(frozen=True)
+class JpegHeader:
+    """What a JPEG's segments up to its scan say, from one walk over the markers."""
+
+    sof: int | None = None  # the frame marker (C0 baseline, C2 progressive, ...); the last if several
+    frames: int = 0
+    precision: int = 0
+    width: int = 0
+    height: int = 0
+    components: int = 0
+    adobe: bool = False  # an Adobe APP14 segment: how CMYK is to be read
+    xmp_orientation: bool = False  # an XMP packet that sets tiff:Orientation
+
+    @property
+    def cmyk_uninverted_by_dali(self) -> bool:
+        return self.components == 4 and not self.adobe
+
+
+def jpeg_header(data: bytes | memoryview) -> JpegHeader:
+    """Walk the segments up to the scan header; EOFError / ValueError as `_jpeg_segments` raises them."""
+    found: dict = {}
+    for marker, start, end in _jpeg_segments(data):
+        if marker in _SOF_MARKERS and end - start >= 6:
+            found.update(sof=marker, frames=found.get("frames", 0) + 1, precision=data[start],
+                         height=int.from_bytes(data[start + 1 : start + 3], "big"),
+                         width=int.from_bytes(data[start + 3 : start + 5], "big"), components=data[start + 5])
+        elif marker == 0xEE and data[start : start + 5] == b"Adobe":
+            found["adobe"] = True
+        elif marker == 0xE1 and data[start : start + len(_XMP_NS)] == _XMP_NS:
+            found["xmp_orientation"] = bytes(data[start:end]).find(_XMP_ORIENTATION) >= 0
+    return JpegHeader(**found)
+
+
+def plain_jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(width, height) of a complete, ordinary JPEG that DALI decodes as Pillow does, read from its markers
+    alone (about 5 us, against 45 us for Pillow's header parser); None for anything else, which the Pillow
+    header check and `pillow_reason` then decide. So for a file with a size here, `pillow_reason` is None.
 
     Ordinary: clean segments up to the scan, an 8-bit baseline, extended or progressive frame of 1, 3 or 4
-    components with a non-zero size, and the end-of-image marker within the last 64 bytes.
+    components (4 with an Adobe marker) with a non-zero size, no orientation in XMP, and the end-of-image
+    marker within the last 64 bytes. Works on a memoryview without copying the file.
     """
-    if not data.startswith(b"\xff\xd8\xff") or data.find(b"\xff\xd9", max(0, len(data) - 64)) < 0:
+    if data[:3] != b"\xff\xd8\xff" or bytes(data[-64:]).find(b"\xff\xd9") < 0:
         return None
-    size = None
     try:
-        for marker, start, end in _jpeg_segments(data):
-            if marker in _SOF_MARKERS:
-                if marker not in _PLAIN_SOF or end - start < 6 or data[start] != 8 or data[start + 5] not in (1, 3, 4):
-                    return None
-                size = (int.from_bytes(data[start + 3 : start + 5], "big"), int.from_bytes(data[start + 1 : start + 3], "big"))
+        head = jpeg_header(data)
     except (EOFError, ValueError):
         return None
-    return size if size and min(size) >= 1 else None
+    if (head.frames != 1 or head.sof not in _PLAIN_SOF or head.precision != 8 or head.components not in (1, 3, 4)
+            or head.cmyk_uninverted_by_dali or head.xmp_orientation or min(head.width, head.height) < 1):
+        return None
+    return head.width, head.height
 
 
 def pillow_reason(data: bytes) -> str | None:
@@ -149,18 +184,11 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
 
 
 def _jpeg_reason(data: bytes) -> tuple[str | None, bool]:
-    components, adobe, xmp_orientation = 0, False, False
-    for marker, start, end in _jpeg_segments(data):
-        if marker in _SOF_MARKERS and end - start >= 6:
-            components = data[start + 5]
-        elif marker == 0xEE and data.startswith(b"Adobe", start):
-            adobe = True
-        elif marker == 0xE1 and data.startswith(b"http://ns.adobe.com/xap/1.0/", start):
-            xmp_orientation = data.find(_XMP_ORIENTATION, start, end) >= 0
-    if components == 4 and not adobe:
+    head = jpeg_header(data)
+    if head.cmyk_uninverted_by_dali:
         # DALI reads such CMYK uninverted; Pillow, like browsers, assumes Adobe's inverted CMYK
         return "CMYK JPEG without an Adobe marker: DALI reads it uninverted", False
-    return None, xmp_orientation
+    return None, head.xmp_orientation
 
 
 def _png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:

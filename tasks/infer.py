@@ -36,6 +36,33 @@ class Classifier:
         self.model = model  # load_model returns it ready for inference
         self.class_names = np.asarray(self.entry.class_names, dtype=object)
         self.max_forward: int | None = None  # lowered when the GPU runs out of memory, kept for later batches
+        self.graph: CudaGraphForward | None = None
+
+    def capture(self, batch_size: int) -> bool:
+        """Record the forward pass at `batch_size` as a CUDA graph, replayed for every batch of up to that many
+        images: one launch a batch instead of one per layer, and no Python between layers to hold the GIL
+        the read and decode threads need. False, with the reason logged, where the model cannot be captured
+        (it then runs eagerly). Call it before other threads use the GPU."""
+        if not self.device.is_cuda:
+            return False
+        example = torch.zeros((batch_size, *self.entry.preprocessing.input_shape), dtype=self.dtype,
+                              device=self.device.torch_device).contiguous(memory_format=torch.channels_last)
+        try:
+            self.graph = CudaGraphForward(self.model, example)
+        except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager model, which is correct
+            self.graph = None
+            log.warning("%s runs eagerly: its forward pass could not be captured as a CUDA graph at batch %d "
+                        "(%s: %s)", self.entry.name, batch_size, type(e).__name__, str(e).splitlines()[0][:300])
+        torch.cuda.empty_cache()  # the warm-up's activations; the graph keeps its own pool
+        return self.graph is not None
+
+    @torch.inference_mode()
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes, fp32, for a batch on the device in the model's dtype and layout. From the
+        CUDA graph the result is a view of its output: read it before the next batch."""
+        if self.graph is not None and len(x) <= self.graph.batch_size:
+            return self.graph(x)
+        return self.model(x).float().softmax(dim=1)
 
     def top_k(self, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Softmax probabilities and class indices of the k best classes, computed on the device.
@@ -64,7 +91,7 @@ class Classifier:
         x = images.to(self.device.torch_device, dtype=self.dtype, non_blocking=True)
         if self.device.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        probs = self.model(x).float().softmax(dim=1)
+        probs = self.probabilities(x)
         scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
         return scores.cpu().numpy(), indices.cpu().numpy()
 
@@ -82,6 +109,40 @@ class Classifier:
             peaks.append(torch.cuda.max_memory_allocated(self.device.torch_device) - base)
             del x
         return max(1, (peaks[1] - peaks[0]) // probe)
+
+
+class CudaGraphForward:
+    """`model(x).float().softmax(1)` recorded once as a CUDA graph for inputs shaped like `example`; a smaller
+    batch is copied into the head of the static input and the head of the output is returned."""
+
+    def __init__(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+        self.batch_size = len(example)
+        self.static_in = example.clone()
+        with torch.inference_mode():
+            side = torch.cuda.Stream(example.device)
+            side.wait_stream(torch.cuda.current_stream(example.device))
+            with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN picks its algorithms here
+                for _ in range(2):
+                    model(self.static_in)
+                # a host synchronization inside a capture invalidates it and leaves the CUDA RNG stuck in capture
+                # state for the rest of the process: find one here, where it is only an exception
+                previous = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    model(self.static_in)
+                finally:
+                    torch.cuda.set_sync_debug_mode(previous)
+            torch.cuda.current_stream(example.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: DALI's own threads may call the CUDA API while this thread captures
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.static_out = model(self.static_in).float().softmax(dim=1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        self.static_in[:n].copy_(x)
+        self.graph.replay()
+        return self.static_out[:n]
 
 
 @dataclass(frozen=True)

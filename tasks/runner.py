@@ -34,7 +34,10 @@ def make_task_runner(kind: TaskRunnerKind | str, dask_address: str | None, devic
                              "'dask'; task_runner is 'local'")
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=1)
+        # two shard tasks at a time: while one runs on the card, the next goes through Prefect's state changes
+        # and API round trips and waits for the card (a ShardClassifier runs one shard at a time), so that
+        # per-shard bookkeeping overlaps the work instead of adding to it
+        return ThreadPoolTaskRunner(max_workers=2)
     from prefect_dask import DaskTaskRunner
 
     if dask_address:

@@ -37,7 +37,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, caplog):
 
     import torch
 
-    from bench.classify_folder import make_model
+    from bench.run_all import model_dir_for
     from tasks.classify import shard_classifier
     from tests.conftest import photo_paths
 
@@ -46,7 +46,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, caplog):
     for i in range(512):
         src = photo_paths(64)[i % 64]
         shutil.copy(src, images / f"{i:04d}_{src.name}")
-    model = make_model("resnet50", tmp_path / "resnet50", 1000)
+    _, model = model_dir_for("resnet50", tmp_path)
     with caplog.at_level(logging.WARNING, logger="tasks.classify"):
         summary = classify_images(input=str(images), output=str(tmp_path / "out"), model=str(model), device="cuda",
                                   batch_size=512, gpu_memory_gb=1.5)

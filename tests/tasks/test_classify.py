@@ -39,6 +39,30 @@ def test_predictions_do_not_depend_on_the_batch_size(seed_model_dir, labelled):
     assert abs(scores[0] - scores[1]).max() < 1e-5
 
 
+def test_shards_run_from_two_threads_on_one_worker_give_the_rows_of_one_batch(seed_model_dir, labelled):
+    """Two shard tasks share a worker (the local runner runs two at a time): they take turns, and the read
+    arenas, reused every few batches of 1, never hand a batch another's bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.classify import ARENAS, shard_classifier
+
+    uris, labels = labelled
+    assert len(uris) > ARENAS  # batches of 1 go round the arena ring twice
+    reference = ShardClassifier(str(seed_model_dir), "cpu", len(uris), 2).run(uris, labels, CTX)[0]
+    with ThreadPoolExecutor(2) as pool:
+        workers = list(pool.map(lambda _: shard_classifier(str(seed_model_dir), "sha", "cpu", 1, 2, 0.65), range(2)))
+        assert workers[0] is workers[1]  # built once
+        runs = list(pool.map(lambda order: workers[0].run(order, labels if order == uris else labels[::-1], CTX)[0],
+                             [uris, uris[::-1]]))
+    shard_classifier.cache_clear()
+    for run in runs:
+        got = run.sort_by("image_uri")
+        want = reference.sort_by("image_uri")
+        assert got.column("image_uri").equals(want.column("image_uri"))
+        assert got.column("label").equals(want.column("label"))
+        assert abs(got.column("score").to_numpy() - want.column("score").to_numpy()).max() < 1e-5
+
+
 def test_rows_carry_true_label_topk_and_model_identity(seed_model_dir, labelled):
     uris, labels = labelled
     predictions, _, _ = ShardClassifier(str(seed_model_dir), "cpu", 4, 2).run(uris, labels, CTX)

@@ -113,6 +113,26 @@ def test_read_image_reports_vanished_and_unreadable_files(tmp_path):
     assert read_image(str(tmp_path)).kind == ErrorKind.UNREADABLE
 
 
+def test_files_are_read_into_the_arena_and_what_does_not_fit_into_bytes(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.decode import ReadArena, load_blobs
+
+    paths = photo_paths(6)
+    sizes = [p.stat().st_size for p in paths]
+    arena = ReadArena(initial_bytes=sum(sizes[:3]))
+    with ThreadPoolExecutor(1) as pool:  # one reader: the first three fill the arena exactly
+        blobs = load_blobs([str(p) for p in paths], pool, arena=arena)
+        assert [type(b.data) for b in blobs] == [memoryview] * 3 + [bytes] * 3
+        assert [bytes(b.data) for b in blobs] == [p.read_bytes() for p in paths]
+        blobs = load_blobs([str(p) for p in paths], pool, arena=arena)  # reset: grown to the whole batch
+        assert [type(b.data) for b in blobs] == [memoryview] * 6
+        assert [bytes(b.data) for b in blobs] == [p.read_bytes() for p in paths]
+    empty = tmp_path / "empty.jpg"
+    empty.touch()
+    assert read_image(str(empty), ReadArena(1024)) == b""
+
+
 def test_training_augmentation_is_random_but_seeded():
     from tasks.preprocess import Augmentation
 

@@ -20,7 +20,7 @@ def test_a_batch_of_objects_is_read_in_order_with_a_reason_for_each_bad_one(s3_b
     uris = [f"s3://{s3_bucket}/{k}" for k in ["in/notes.jpg", "in/a.jpg", "in/gone.jpg", "in/b[1].jpg", "in/empty.jpg"]]
     with ThreadPoolExecutor(2) as pool:
         blobs = load_blobs(uris, pool)
-    assert blobs[1] == photos[0] and blobs[3] == photos[1]  # "[1]" is a name, not a glob
+    assert blobs[1].data == photos[0] and blobs[3].data == photos[1]  # "[1]" is a name, not a glob
     kinds = [b.kind if isinstance(b, Failure) else None for b in blobs]
     assert kinds == [ErrorKind.NOT_AN_IMAGE, None, ErrorKind.VANISHED, None, ErrorKind.EMPTY]
     assert blobs[2].message == f"object vanished after it was listed: {uris[2]}"
@@ -42,7 +42,7 @@ def test_denied_and_failed_reads_become_unreadable_rows_without_the_endpoint(s3_
     uris = [f"s3://{s3_bucket}/in/{k}.jpg" for k in ["broken", "denied", "ok"]]
     with ThreadPoolExecutor(2) as pool:
         broken, denied, ok = load_blobs(uris, pool)
-    assert ok == photo
+    assert ok.data == photo
     assert (denied.kind, denied.message) == (ErrorKind.UNREADABLE, "permission denied: Access Denied")
     assert broken.kind == ErrorKind.UNREADABLE
     assert broken.message == ('read failed: OSError: Could not connect to the endpoint URL: '

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from a2k.devices import Device
-from tasks.decode import DEFAULT_MAX_PIXELS, ErrorKind, Failure, ImageDecoder, check_header, load_blobs
+from tasks.decode import DEFAULT_MAX_PIXELS, Blob, ErrorKind, Failure, ImageDecoder, check_header, checked_blob, load_blobs
 from tasks.formats import pillow_reason
 from tasks.preprocess import Preprocessing, pil_preprocess
 from tests.conftest import ODD_IMAGES, photo_paths
@@ -246,7 +246,7 @@ def _classify(cases: list[Case], batch_size: int, device: Device = CPU) -> dict[
             for p, failure in out.failures.items():
                 outcomes[cases[good[p]].name] = Outcome(failure.kind, "decoder", None)
             for row, p in enumerate(out.ok):
-                how = "pillow" if pillow_reason(blobs[good[p]]) else "rescue" if p in rescued else "dali"
+                how = "pillow" if blobs[good[p]].pillow_reason else "rescue" if p in rescued else "dali"
                 outcomes[cases[good[p]].name] = Outcome(None, how, out.images[row])
     finally:
         logging.getLogger("tasks.decode").removeHandler(warnings)
@@ -320,6 +320,25 @@ def test_16_bit_and_cmyk_files_look_like_the_photo_they_were_made_from(all_at_on
     assert _levels(all_at_once["rgb16.png"].image, rgb).max() <= WIDE_MAX_LEVELS
     for name in ("cmyk-adobe.jpg", "ycck-adobe.jpg", "cmyk-no-adobe.jpg"):  # not inverted, not colour-swapped
         assert _levels(all_at_once[name].image, rgb).mean() < 3, name
+
+
+def test_the_one_pass_check_of_a_view_decides_as_the_full_checks_on_bytes(corpus):
+    """checked_blob walks an ordinary JPEG's markers once, on a memoryview into the read arena; whatever it
+    decides must be what check_header + pillow_reason decide on the file's bytes, for every odd file and for
+    every real photo."""
+    photos = [Case(p.name, p, None, "dali") for p in photo_paths(500)]
+    fast = 0
+    for case in [*corpus, *photos]:
+        data = case.path.read_bytes() if case.path.is_file() else b""
+        got = checked_blob(memoryview(bytearray(data)))
+        expected = check_header(data) or Blob(data, pillow_reason(data))
+        if isinstance(expected, Failure):
+            assert (got.kind, got.message) == (expected.kind, expected.message), case.name
+        else:
+            assert isinstance(got, Blob) and got.pillow_reason == expected.pillow_reason, case.name
+            assert bytes(got.data) == data, case.name
+            fast += isinstance(got.data, memoryview)  # left where it lies: the ordinary JPEGs
+    assert fast >= 500  # every photo took the fast path
 
 
 def test_the_decoder_alone_gives_bad_files_the_header_checks_kind(corpus):
