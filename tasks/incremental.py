@@ -64,15 +64,14 @@ def empty_state_table() -> pa.Table:
 
 def read_state(output: str) -> RunState | None:
     """The output's committed state, or None when it has none (a fresh output, or one written before state)."""
-    fs, root = filesystem(output)
-    path = f"{root}/{STATE_FILE}"
-    fs.invalidate_cache(path)
-    if not fs.exists(path):
+    url = f"{output}/{STATE_FILE}"
+    try:
+        table = read_parquet(url)  # drops s3fs's cached listing first: another run may have just written it
+    except FileNotFoundError:
         return None
-    table = read_parquet(f"{output}/{STATE_FILE}")
     meta = json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}"))
     if not {"input", "settings_key", "generation"} <= meta.keys():
-        raise ValueError(f"state {path!r} has no a2k metadata; remove it (or run with full=True) to start over")
+        raise ValueError(f"state {url!r} has no a2k metadata; remove it (or run with full=True) to start over")
     return RunState(meta["input"], meta["settings_key"], int(meta["generation"]), table.cast(STATE_SCHEMA))
 
 
@@ -98,9 +97,10 @@ def read_pending(output: str) -> Pending | None:
     fs, root = filesystem(output)
     path = f"{root}/{PENDING_FILE}"
     fs.invalidate_cache(path)
-    if not fs.exists(path):
+    try:
+        doc = read_json(fs, path)
+    except FileNotFoundError:
         return None
-    doc = read_json(fs, path)
     return Pending(doc["input"], doc["settings_key"], int(doc["base_generation"]), frozenset(doc["parts"]),
                    frozenset(doc["dropped"]))
 
