@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD = 3  # batches read and header-checked ahead of the model
 DECODE_AHEAD = 2  # batches decoded ahead of the model (each holds its images on the device)
-# Read arenas in the ring: batch n is read into arena n % ARENAS. When batch n + READ_AHEAD is submitted,
-# batches n - 1 (its decode may still run) to n + READ_AHEAD - 1 still use theirs: READ_AHEAD + 2 in all.
+# Read arenas in the ring: batch n is read into arena n % ARENAS. When the read of batch m + READ_AHEAD is
+# submitted, the decodes of m - DECODE_AHEAD + 1 .. m may still run and m + 1 .. m + READ_AHEAD - 1 are read
+# or being read: READ_AHEAD + DECODE_AHEAD batches hold arenas. One more is margin.
 ARENAS = READ_AHEAD + DECODE_AHEAD + 1
 # Threads reading local files. Reads from the page cache are GIL-bound: 256 files took 11.7 ms on one thread
 # and 31 ms on 16 on the H100 machine (bench/NOTES.md); a few threads keep reads from cold disks or network
