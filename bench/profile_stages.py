@@ -48,7 +48,8 @@ def main() -> None:
 
     from bench.run_all import model_dir_for
     from tasks.classify import RunContext, ShardClassifier
-    from tasks.decode import ImageDecoder, ReadArena, check_header, load_blobs
+    from tasks.decode import ImageDecoder
+    from tasks.read import ReadArena, check_header, load_blobs
 
     files = sorted(str(f) for f in args.source.rglob("*") if f.suffix.lower() in (".jpeg", ".jpg"))
     uris = (files * (args.batch_size // len(files) + 1))[: args.batch_size]

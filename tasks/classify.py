@@ -23,7 +23,8 @@ import pyarrow as pa
 import torch
 
 from a2k.devices import resolve_device
-from tasks.decode import DEFAULT_MAX_PIXELS, Failure, ImageDecoder, ReadArena, load_blobs
+from tasks.decode import ImageDecoder
+from tasks.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
 from tasks.infer import Classifier, fit_batch_size, limit_gpu_memory
 from tasks.manifest import Shard
 from tasks.models import ModelEntry

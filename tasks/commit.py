@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.classify import RunContext, ShardOutcome, part_key
-from tasks.decode import ErrorKind
+from tasks.read import ErrorKind
 from tasks.incremental import (
     Delta, Pending, RunState, diff_listing, read_pending, read_state, remove_state, settings_key, state_rows,
     write_pending, write_state,

@@ -296,7 +296,8 @@ def apply_recipe(candidate: Candidate, cfg: RecipeConfig, ctx: CompressContext) 
 
 def sample_images(manifest_url: str, n: int, ctx: CompressContext) -> torch.Tensor:
     """The first `n` images of a split manifest, through the ingest pipeline (reader threads + DALI), fp32 on CPU."""
-    from tasks.decode import Failure, ImageDecoder, load_blobs
+    from tasks.decode import ImageDecoder
+    from tasks.read import Failure, load_blobs
     from tasks.storage import read_parquet
 
     uris = read_parquet(manifest_url, columns=["uri"]).column("uri").to_pylist()[:n]

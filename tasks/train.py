@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from a2k.devices import Device
-from tasks.decode import Failure, ImageDecoder, load_blobs
+from tasks.decode import ImageDecoder
+from tasks.read import Failure, load_blobs
 from tasks.models import build_model
 from tasks.preprocess import Augmentation, Preprocessing
 

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from a2k.devices import Device
-from tasks.decode import ErrorKind, Failure, ImageDecoder, check_header, read_image
+from tasks.decode import ImageDecoder
+from tasks.read import ErrorKind, Failure, check_header, read_image
 from tasks.preprocess import Preprocessing, pil_preprocess
 from tests.conftest import ODD_IMAGES, photo_paths
 
@@ -116,7 +117,7 @@ def test_read_image_reports_vanished_and_unreadable_files(tmp_path):
 def test_files_are_read_into_the_arena_and_what_does_not_fit_into_bytes(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.decode import ReadArena, load_blobs
+    from tasks.read import ReadArena, load_blobs
 
     paths = photo_paths(6)
     sizes = [p.stat().st_size for p in paths]

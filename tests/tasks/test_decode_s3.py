@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import s3fs
 
-from tasks.decode import ErrorKind, Failure, load_blobs
+from tasks.read import ErrorKind, Failure, load_blobs
 from tests.conftest import photo_paths
 
 

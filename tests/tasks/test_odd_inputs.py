@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from a2k.devices import Device
-from tasks.decode import DEFAULT_MAX_PIXELS, Blob, ErrorKind, Failure, ImageDecoder, check_header, checked_blob, load_blobs
+from tasks.decode import ImageDecoder
+from tasks.read import DEFAULT_MAX_PIXELS, Blob, ErrorKind, Failure, check_header, checked_blob, load_blobs
 from tasks.formats import pillow_reason
 from tasks.preprocess import Preprocessing, pil_preprocess
 from tests.conftest import ODD_IMAGES, photo_paths
