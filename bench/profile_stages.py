@@ -42,6 +42,10 @@ def main() -> None:
     p.add_argument("--dali-threads", type=int, nargs="+", default=[8, 16], help="DALI thread counts to compare")
     p.add_argument("--hw-decoder-load", type=float, default=0.65)
     p.add_argument("--shard-batches", type=int, default=16, help="batches in the timed ShardClassifier.run")
+    p.add_argument("--switch-intervals", type=float, nargs="+", default=[5.0, 0.5],
+                   help="sys.setswitchinterval values (ms) to run the shard with; Python's default is 5")
+    p.add_argument("--shard-readers", type=int, nargs="*", default=[1, 2], help="reader threads to run the shard with")
+    p.add_argument("--stream-depths", type=int, nargs="+", default=[2, 3], help="decode_stream depths to compare")
     args = p.parse_args()
 
     import tempfile
@@ -71,8 +75,12 @@ def main() -> None:
     pre, dev = worker.classifier.entry.preprocessing, worker.device
     for threads in args.dali_threads:
         decoder = ImageDecoder(pre, dev, n, threads, hw_decoder_load=args.hw_decoder_load)
-        rows[f"DALI decode+resize+crop+normalize ({dev}, hw_decoder_load {args.hw_decoder_load}, {threads} threads)"] = \
+        what = f"({dev}, hw_decoder_load {args.hw_decoder_load}, {threads} threads)"
+        rows[f"DALI decode+resize+crop+normalize, a batch at a time {what}"] = \
             timed(lambda: decoder.decode(blobs), args.repeat)
+        for depth in args.stream_depths:  # per batch, over a stream of args.shard_batches batches
+            rows[f"DALI decode, streamed {depth} batches deep {what}"] = timed(
+                lambda: list(decoder.decode_stream([blobs] * args.shard_batches, depth)), 1) / args.shard_batches
         del decoder
     images = worker.decoder.decode(blobs).images
     graph, worker.classifier.graph = worker.classifier.graph, None
@@ -82,14 +90,24 @@ def main() -> None:
         rows["model top-k incl. copy to host, CUDA graph"] = timed(lambda: worker.classifier.top_k(images, 5), args.repeat)
     ctx = RunContext("m", "1", "x" * 64, "run", 5)
     shard = (files * (args.shard_batches * n // len(files) + 1))[: args.shard_batches * n]
-    sec = timed(lambda: worker.run(shard, [None] * len(shard), ctx), max(1, args.repeat // 4))
+    default_interval = sys.getswitchinterval()
+    for interval in args.switch_intervals:  # how long a thread holds the GIL before another waiting one gets it
+        sys.setswitchinterval(interval / 1000)
+        sec = timed(lambda: worker.run(shard, [None] * len(shard), ctx), max(1, args.repeat // 4))
+        rows[f"ShardClassifier.run over {len(shard)} images (stages overlapped), {worker.readers._max_workers} "
+             f"reader threads, GIL switch interval {interval} ms"] = sec * n / len(shard)
+    sys.setswitchinterval(default_interval)
+    for count in args.shard_readers:
+        worker.readers.shutdown()
+        worker.readers = ThreadPoolExecutor(count, thread_name_prefix="a2k-read")
+        sec = timed(lambda: worker.run(shard, [None] * len(shard), ctx), max(1, args.repeat // 4))
+        rows[f"ShardClassifier.run over {len(shard)} images (stages overlapped), {count} reader threads"] = \
+            sec * n / len(shard)
     print(f"batch of {n} images, {args.arch}, median of {args.repeat}; DALI threads in the shard run: "
           f"{worker.decoder.num_threads}")
     print("| stage | ms per batch | images/s |\n|---|---|---|")
     for name, sec_ in rows.items():
         print(f"| {name} | {sec_ * 1000:.1f} | {n / sec_:,.0f} |")
-    print(f"| ShardClassifier.run over {len(shard)} images (stages overlapped) | {sec * 1000 * n / len(shard):.1f} "
-          f"| {len(shard) / sec:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Classify a shard of images: read bytes, decode with DALI, run the model in batches, write one Parquet part.
 
-The stages overlap: reader threads fetch and header-check batch n+2, a decode thread runs DALI on batch n+1
-(on its own CUDA stream), and the calling thread runs the model on batch n and builds its Arrow rows.
+The stages overlap: reader threads fetch and header-check batches ahead, a decode thread streams them through
+DALI with a batch queued behind the one it decodes (on its own CUDA stream), and the calling thread runs the
+model on the batch before and builds its Arrow rows.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -23,7 +25,7 @@ import pyarrow as pa
 import torch
 
 from a2k.devices import resolve_device
-from tasks.decode import ImageDecoder
+from tasks.decode import STREAM_DEPTH, DecodedBatch, ImageDecoder
 from tasks.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
 from tasks.infer import Classifier, fit_batch_size, limit_gpu_memory
 from tasks.manifest import Shard
@@ -36,12 +38,13 @@ __all__ = ["Classifier", "RunContext", "ShardClassifier", "ShardOutcome", "class
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD = 3  # batches read and header-checked ahead of the model
-DECODE_AHEAD = 2  # batches decoded ahead of the model (each holds its images on the device)
-# Read arenas in the ring: batch n is read into arena n % ARENAS. When the read of batch m + READ_AHEAD is
-# submitted, the decodes of m - DECODE_AHEAD + 1 .. m may still run and m + 1 .. m + READ_AHEAD - 1 are read
-# or being read: READ_AHEAD + DECODE_AHEAD batches hold arenas. One more is margin.
-ARENAS = READ_AHEAD + DECODE_AHEAD + 1
+READ_AHEAD = 3  # batches read and header-checked ahead of the decoder
+DECODE_AHEAD = 2  # decoded batches waiting for the model (each holds its images on the device)
+# Read arenas in the ring: batch n is read into arena n % ARENAS. When the decoder takes batch n, the read of
+# n + READ_AHEAD is submitted; up to STREAM_DEPTH - 1 batches before n are still in DALI (their bytes are
+# needed again if DALI fails on them), and n + 1 .. n + READ_AHEAD - 1 are read or being read: READ_AHEAD +
+# STREAM_DEPTH batches hold arenas. One more is margin.
+ARENAS = READ_AHEAD + STREAM_DEPTH + 1
 # Threads reading local files. Reads from the page cache are GIL-bound: 256 files took 11.7 ms on one thread
 # and 31 ms on 16 on the H100 machine (bench/NOTES.md); a few threads keep reads from cold disks or network
 # filesystems overlapping without that contention.
@@ -97,7 +100,7 @@ class ShardClassifier:
 
     def __init__(
         self, model_dir: str, device: str, batch_size: int | None, num_threads: int | None,
-        hw_decoder_load: float = 0.65, gpu_memory_gb: float | None = None,
+        hw_decoder_load: float = 0.65, gpu_memory_gb: float | None = None, local_readers: int = LOCAL_READERS,
     ) -> None:
         self.device = resolve_device(device)
         self.ballast = limit_gpu_memory(self.device, gpu_memory_gb) if gpu_memory_gb else None
@@ -111,7 +114,7 @@ class ShardClassifier:
         if self.device.is_cuda and self.classifier.capture(batch_size):
             log.info("%s captured as a CUDA graph at batch %d", self.classifier.entry.name, batch_size)
         self.decoder = ImageDecoder(pre, self.device, batch_size, num_threads, hw_decoder_load=hw_decoder_load)
-        self.readers = ThreadPoolExecutor(max_workers=LOCAL_READERS, thread_name_prefix="a2k-read")
+        self.readers = ThreadPoolExecutor(max_workers=local_readers, thread_name_prefix="a2k-read")
         self.read_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-read-batch")
         self.decode_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-decode")
         self.decode_stream = torch.cuda.Stream(self.device.torch_device) if self.device.is_cuda else None
@@ -131,27 +134,14 @@ class ShardClassifier:
         pred_batches: list[pa.RecordBatch] = []
         err_rows: list[tuple[str, Failure]] = []
         batches = [list(range(i, min(i + self.batch_size, len(uris)))) for i in range(0, len(uris), self.batch_size)]
-        reads: deque[Future] = deque()
-        decodes: deque[Future] = deque()
-
-        def read(n: int) -> Future:
-            return self.read_stage.submit(
-                load_blobs, [uris[i] for i in batches[n]], self.readers, max_pixels, self.arenas[n % ARENAS]
-            )
-
-        def decode(n: int, blobs: Future) -> Future:
-            return self.decode_stage.submit(self._decode, batches[n], blobs)
-
+        decoded: queue.Queue[_Decoded | BaseException] = queue.Queue(maxsize=DECODE_AHEAD)
+        stop = threading.Event()
+        stage = self.decode_stage.submit(self._decode_all, uris, batches, max_pixels, decoded, stop)
         try:
-            for n in range(min(READ_AHEAD, len(batches))):
-                reads.append(read(n))
-            for n in range(len(batches)):
-                while len(decodes) < DECODE_AHEAD and n + len(decodes) < len(batches):
-                    m = n + len(decodes)
-                    decodes.append(decode(m, reads.popleft()))
-                    if m + READ_AHEAD < len(batches):
-                        reads.append(read(m + READ_AHEAD))
-                batch = decodes.popleft().result()
+            for _ in batches:
+                batch = decoded.get()
+                if isinstance(batch, BaseException):
+                    raise batch
                 err_rows += [(uris[i], f) for i, f in batch.failures]
                 if batch.images is None:
                     continue
@@ -163,12 +153,9 @@ class ShardClassifier:
                     [uris[i] for i in batch.rows], [true_labels[i] for i in batch.rows], scores, indices,
                     self.classifier.class_names, ctx,
                 ))
-        finally:  # a failed stage: let the others finish before the next shard reuses the decoder
-            for f in (*decodes, *reads):
-                f.cancel()
-            for f in (*decodes, *reads):
-                if not f.cancelled():
-                    f.exception()
+        finally:  # a failed stage: the decode stage stops before the next shard reuses the decoder
+            stop.set()
+            stage.exception()
         predictions = pa.Table.from_batches(pred_batches, schema=PREDICTION_SCHEMA)
         errors = _error_table(err_rows, ctx)
         if predictions.num_rows + errors.num_rows != len(uris):
@@ -177,23 +164,65 @@ class ShardClassifier:
             )
         return predictions, errors, time.perf_counter() - start
 
-    def _decode(self, rows: list[int], blobs_future: Future) -> _Decoded:
-        """The decode stage of one batch, on the decode thread (and the decode CUDA stream)."""
-        blobs = blobs_future.result()
-        good = [(i, b) for i, b in zip(rows, blobs) if not isinstance(b, Failure)]
-        failures = [(i, b) for i, b in zip(rows, blobs) if isinstance(b, Failure)]
-        if not good:
+    def _decode_all(self, uris: list[str], batches: list[list[int]], max_pixels: int,
+                    out: queue.Queue[_Decoded | BaseException], stop: threading.Event) -> None:
+        """The decode stage, on its own thread (and CUDA stream): the shard's batches read ahead, streamed
+        through the decoder, and put on `out` in order; an error is put on `out` in place of a batch."""
+        reads: deque[Future] = deque()
+        read_failures: deque[tuple[list[int], list[tuple[int, Failure]]]] = deque()
+
+        def read(n: int) -> Future:
+            return self.read_stage.submit(
+                load_blobs, [uris[i] for i in batches[n]], self.readers, max_pixels, self.arenas[n % ARENAS])
+
+        def blob_batches():
+            for n in range(min(READ_AHEAD, len(batches))):
+                reads.append(read(n))
+            for n in range(len(batches)):
+                blobs = reads.popleft().result()
+                if n + READ_AHEAD < len(batches):
+                    reads.append(read(n + READ_AHEAD))
+                good = [i for i, b in zip(batches[n], blobs) if not isinstance(b, Failure)]
+                read_failures.append((good, [(i, b) for i, b in zip(batches[n], blobs) if isinstance(b, Failure)]))
+                yield [b for b in blobs if not isinstance(b, Failure)]
+
+        try:
+            with contextlib.closing(self.decoder.decode_stream(blob_batches())) as stream, \
+                    torch.cuda.stream(self.decode_stream):  # no stream (CPU): no-op
+                for batch in stream:
+                    good, failures = read_failures.popleft()
+                    if not _put(out, self._decoded(batch, good, failures), stop):
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the model thread, which raises it
+            _put(out, e, stop)
+        finally:
+            for f in reads:
+                f.cancel()
+            for f in reads:
+                if not f.cancelled():
+                    f.exception()
+
+    def _decoded(self, decoded: DecodedBatch, good: list[int], failures: list[tuple[int, Failure]]) -> _Decoded:
+        """A decoded batch in manifest rows, with an event the model's stream waits on before using it."""
+        failures = failures + [(good[p], f) for p, f in decoded.failures.items()]
+        if not decoded.ok:
             return _Decoded([], failures, None, None)
-        with torch.cuda.stream(self.decode_stream):  # no stream (CPU): no-op
-            decoded = self.decoder.decode([b for _, b in good])
         ready = None
         if self.decode_stream is not None:
             ready = torch.cuda.Event()
             ready.record(self.decode_stream)
-        failures += [(good[p][0], f) for p, f in decoded.failures.items()]
-        if not decoded.ok:
-            return _Decoded([], failures, None, None)
-        return _Decoded([good[p][0] for p in decoded.ok], failures, decoded.images, ready)
+        return _Decoded([good[p] for p in decoded.ok], failures, decoded.images, ready)
+
+
+def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` on `out` unless the consumer has stopped; False when it has."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def _now() -> datetime:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,6 +104,8 @@ def _image_pipeline(pre: Preprocessing, decode_device: str, augment: Augmentatio
 
 
 MAX_DEFAULT_THREADS = 16
+# Batches in DALI at once in decode_stream: the next batch's CPU stage runs while the GPU finishes this one.
+STREAM_DEPTH = 2
 
 
 def default_threads() -> int:
@@ -110,6 +113,17 @@ def default_threads() -> int:
     JPEG decoder off or partly used (an A2000 has none), the CPU Huffman decoding scales with them."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(cores, MAX_DEFAULT_THREADS))
+
+
+@dataclass
+class _Batch:
+    """A batch on its way through the decoder: its bytes, which files Pillow decodes and why, which DALI does."""
+
+    blobs: list[bytes | memoryview]
+    to_pillow: dict[int, str]
+    to_dali: list[int]
+    in_stream: bool = False  # fed to the stream's pipeline; its output not taken yet
+    filler: bool = False  # fed only so that DALI's first run can start; its output is dropped
 
 
 @dataclass
@@ -141,11 +155,14 @@ class ImageDecoder:
         self.pre, self.device, self.max_batch_size = pre, device, max_batch_size
         self.num_threads = num_threads or default_threads()
         self.augment, self.hw_decoder_load = augment, hw_decoder_load
-        self._pipe = None
+        self._pipe = None  # run a batch at a time (decode, and the bisection of a failed batch)
+        self._stream = None  # run `depth` batches at a time by decode_stream
+        self._stream_fed = 0  # batches fed to `_stream` since it was built
+        self._streaming = True  # False after the stream ran out of GPU memory
         self._builds = 0
         self._dtype = torch.float16 if device.is_cuda else torch.float32
 
-    def _build(self):
+    def _build(self, depth: int = 1):
         from nvidia.dali import pipeline_def
 
         seed = (self.augment.seed + self._builds) if self.augment else 0
@@ -158,7 +175,7 @@ class ImageDecoder:
             batch_size=self.max_batch_size,
             num_threads=self.num_threads,
             device_id=self.device.dali_device_id,
-            prefetch_queue_depth=1,
+            prefetch_queue_depth=depth,
             seed=seed,
         )
         pipe.build()
@@ -169,6 +186,10 @@ class ImageDecoder:
             self._pipe = self._build()
         self._pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
         (out,) = self._pipe.run()
+        return self._to_torch(out)
+
+    def _to_torch(self, out) -> torch.Tensor:
+        """A DALI output batch as a torch tensor on the device (copied on the current stream on CUDA)."""
         if self.device.is_cuda:
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
@@ -182,18 +203,107 @@ class ImageDecoder:
         """Decode up to `max_batch_size` images that passed `check_header` (`load_blobs`' `Blob`s, or bytes);
         a failing file is isolated by bisection, never fatal. Files with a `pillow_reason` are decoded by
         Pillow without trying DALI."""
+        return self._finish(self._prepare(blobs))
+
+    def decode_stream(self, batches: Iterable[Sequence[Blob | bytes]], depth: int = STREAM_DEPTH) -> Iterator[DecodedBatch]:
+        """`decode` of each batch, in order, with up to `depth` batches in DALI at once: its CPU stage of one
+        batch (the copy in, and Huffman decoding on its threads wherever the hardware decoder is off or partly
+        used) overlaps the GPU stage of the batch before. When DALI fails on a batch, that batch and the ones
+        in DALI behind it go through `decode`'s bisection, and the stream's pipeline is built again for the
+        next batch. Close the generator (or run it to the end) before the decoder is used again."""
+        pending: deque[_Batch] = deque()
+        try:
+            for blobs in batches:
+                pending.append(batch := self._prepare(blobs))
+                if batch.to_dali and depth > 1 and self._streaming:
+                    self._feed(batch, depth, pending)
+                while pending and (not pending[0].in_stream or sum(b.in_stream for b in pending) >= depth):
+                    if (done := self._finish_oldest(pending)) is not None:
+                        yield done
+            self._fill(depth, pending)
+            while pending:
+                if (done := self._finish_oldest(pending)) is not None:
+                    yield done
+        finally:
+            if any(b.in_stream for b in pending):  # abandoned: its outputs must not reach the next stream
+                self._drop_stream(pending)
+
+    def _prepare(self, blobs: Sequence[Blob | bytes]) -> _Batch:
         if len(blobs) > self.max_batch_size:
             raise ValueError(f"{len(blobs)} images given; this decoder takes at most {self.max_batch_size}")
-        parts: list[tuple[list[int], torch.Tensor]] = []
-        failures: dict[int, Failure] = {}
         checked = [b if isinstance(b, Blob) else Blob(b, pillow_reason(b)) for b in blobs]
         to_pillow = {p: b.pillow_reason for p, b in enumerate(checked) if b.pillow_reason}
-        blobs = [b.data for b in checked]
-        self._decode_range(blobs, [p for p in range(len(blobs)) if p not in to_pillow], parts, failures)
-        for p, why in to_pillow.items():
+        return _Batch([b.data for b in checked], to_pillow, [p for p in range(len(checked)) if p not in to_pillow])
+
+    def _finish(self, batch: _Batch, decoded: torch.Tensor | None = None) -> DecodedBatch:
+        """The batch's images: DALI's output for `to_dali` when the stream gave it, else decoded here, by
+        bisection where DALI fails; then the files that go to Pillow."""
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        failures: dict[int, Failure] = {}
+        if decoded is not None:
+            parts.append((batch.to_dali, decoded))
+        else:
+            self._decode_range(batch.blobs, batch.to_dali, parts, failures)
+        for p, why in batch.to_pillow.items():
             log.debug("image %d of the batch goes to Pillow: %s", p, why)
-            self._decode_one_with_pillow(blobs, p, why, parts, failures)
+            self._decode_one_with_pillow(batch.blobs, p, why, parts, failures)
         return self._assemble(parts, failures)
+
+    def _feed(self, batch: _Batch, depth: int, pending: deque[_Batch]) -> None:
+        """Hand the batch to the stream's pipeline. DALI's first run of a pipeline runs `depth` iterations, so
+        the first `depth - 1` batches wait for the next; after that each batch is run as it is fed."""
+        try:
+            if self._stream is None:
+                self._stream, self._stream_fed = self._build(depth), 0
+            self._stream.feed_input("encoded", [np.frombuffer(batch.blobs[p], dtype=np.uint8) for p in batch.to_dali])
+            batch.in_stream = True
+            self._stream_fed += 1
+            if self._stream_fed >= depth:
+                self._stream.schedule_run()
+        except RuntimeError as e:
+            self._stream_failed(e, pending)
+
+    def _fill(self, depth: int, pending: deque[_Batch]) -> None:
+        """At the end of a stream shorter than the pipeline's first run: feed the last batch again as filler
+        (its outputs are dropped) until that run can start."""
+        last = next((b for b in reversed(pending) if b.in_stream), None)
+        while last is not None and self._stream is not None and self._stream_fed < depth:
+            pending.append(filler := _Batch(last.blobs, {}, last.to_dali, filler=True))
+            self._feed(filler, depth, pending)
+
+    def _finish_oldest(self, pending: deque[_Batch]) -> DecodedBatch | None:
+        """The oldest batch decoded (None for a filler): its stream output, or decoded here when it never
+        entered the stream or the stream failed on it."""
+        batch = pending.popleft()
+        decoded = None
+        if batch.in_stream:
+            try:
+                (out,) = self._stream.outputs()
+                decoded = self._to_torch(out)
+            except RuntimeError as e:
+                self._stream_failed(e, pending)
+        if batch.filler:
+            return None
+        return self._finish(batch, decoded)
+
+    def _stream_failed(self, error: RuntimeError, pending: deque[_Batch]) -> None:
+        if is_out_of_memory(error):  # a shallower queue needs less memory: the rest is decoded a batch at a time
+            self._streaming = False
+            torch.cuda.empty_cache()
+            log.warning("DALI ran out of GPU memory with batches queued ahead; decoding one batch at a time")
+        else:
+            log.info("DALI failed on a batch in the stream; decoding it and the batches behind it again (%s)",
+                     _dali_reason(error))
+        self._drop_stream(pending)
+
+    def _drop_stream(self, pending: deque[_Batch]) -> None:
+        """Forget the stream's pipeline: batches in it are decoded again, one at a time; fillers are dropped."""
+        self._stream = None
+        kept = [b for b in pending if not b.filler]
+        pending.clear()
+        for b in kept:
+            b.in_stream = False
+            pending.append(b)
 
     def _assemble(self, parts: list[tuple[list[int], torch.Tensor]], failures: dict[int, Failure]) -> DecodedBatch:
         """One tensor with the decoded images in input order."""

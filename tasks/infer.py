@@ -21,6 +21,9 @@ CPU_BATCH = 64
 # 500x375 RGB photo is 0.56 MB; larger photos more), resize buffers and nvJPEG's staging, with slack.
 DALI_BYTES_PER_IMAGE = 8 * 2**20
 DALI_FIXED_BYTES = 512 * 2**20  # nvJPEG handles, DALI's pools and its CUDA context share
+# Model inputs alive at once in a classify run: DALI's stream queue (decode.STREAM_DEPTH = 2), decoded batches
+# waiting for the model (classify.DECODE_AHEAD = 2), one being handed over and one in the model.
+INPUT_BATCHES_IN_FLIGHT = 6
 
 
 class Classifier:
@@ -168,7 +171,7 @@ def fit_batch_size(classifier: Classifier, pre: Preprocessing, max_batch: int = 
     per_model = classifier.activation_bytes_per_image(pre)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(classifier.device.torch_device)
-    decode = DALI_BYTES_PER_IMAGE + 2 * int(np.prod(pre.input_shape)) * 2  # two fp16 batches in flight
+    decode = DALI_BYTES_PER_IMAGE + INPUT_BATCHES_IN_FLIGHT * int(np.prod(pre.input_shape)) * 2  # fp16
     usable = int(0.85 * (free - DALI_FIXED_BYTES))
     fits = usable // (per_model + decode)
     if fits < 1:

@@ -78,6 +78,57 @@ def test_batches_smaller_than_the_maximum_are_not_padded():
         decoder.decode(blobs)
 
 
+def _same(a, b) -> None:
+    assert a.ok == b.ok and {p: f.kind for p, f in a.failures.items()} == {p: f.kind for p, f in b.failures.items()}
+    assert torch.equal(a.images, b.images)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("sizes", [[4, 4, 4, 1], [3], [], [4, 0, 2]], ids=["four", "one", "none", "an-empty-one"])
+def test_a_stream_decodes_each_batch_as_decode_does(depth, sizes):
+    """In order, one output a batch, for streams shorter than DALI's first run (filled) and longer."""
+    from tasks.read import Blob
+
+    photos = [p.read_bytes() for p in photo_paths(sum(sizes) + 1)]
+    batches, at = [], 0
+    for n in sizes:
+        batches.append(photos[at : at + n])
+        at += n
+    if len(sizes) > 2:  # one file Pillow decodes, beside DALI's
+        batches[2][0] = Blob(batches[2][0], "routed to Pillow by the test")
+    decoder = ImageDecoder(Preprocessing(), CPU, 4)
+    streamed = list(decoder.decode_stream(batches, depth=depth))
+    assert len(streamed) == len(batches)
+    for got, blobs in zip(streamed, batches):
+        _same(got, ImageDecoder(Preprocessing(), CPU, 4).decode(blobs))
+
+
+def test_a_stream_isolates_a_file_dali_fails_on_and_goes_on(truncated_jpeg, caplog):
+    """The failing batch and those queued behind it are decoded again by bisection; later batches stream
+    through a rebuilt pipeline."""
+    good = [p.read_bytes() for p in photo_paths(16)]
+    garbage = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4  # Pillow's to refuse: not an ordinary JPEG
+    batches = [good[0:4], good[4:6] + [garbage, good[6]], [truncated_jpeg] + good[7:10], good[10:12], good[12:14],
+               good[14:16]]
+    decoder = ImageDecoder(Preprocessing(), CPU, 4)
+    with caplog.at_level("INFO", logger="tasks.decode"):
+        streamed = list(decoder.decode_stream(batches))
+    assert "DALI failed on a batch in the stream" in caplog.text  # the truncated file reached DALI
+    assert [sorted(b.failures) for b in streamed] == [[], [2], [0], [], [], []]
+    for got, blobs in zip(streamed, batches):
+        _same(got, ImageDecoder(Preprocessing(), CPU, 4).decode(blobs))
+    assert decoder._stream is not None  # streaming again after the failures
+
+
+def test_an_abandoned_stream_leaves_nothing_for_the_next():
+    photos = [p.read_bytes() for p in photo_paths(8)]
+    decoder = ImageDecoder(Preprocessing(), CPU, 2)
+    stream = decoder.decode_stream([photos[0:2], photos[2:4], photos[4:6]], depth=3)
+    next(stream)  # batches behind it are still in DALI
+    stream.close()
+    _same(next(decoder.decode_stream([photos[6:8]])), ImageDecoder(Preprocessing(), CPU, 2).decode(photos[6:8]))
+
+
 def _encoded(image: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt)
