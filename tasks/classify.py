@@ -48,7 +48,7 @@ ARENAS = READ_AHEAD + STREAM_DEPTH + 1
 # Threads reading local files. Reads from the page cache are GIL-bound: 256 files took 11.7 ms on one thread
 # and 31 ms on 16 on the H100 machine (bench/NOTES.md); a few threads keep reads from cold disks or network
 # filesystems overlapping without that contention.
-LOCAL_READERS = 4
+LOCAL_READERS = 1
 
 
 @dataclass(frozen=True)
