@@ -42,8 +42,6 @@ def main() -> None:
     p.add_argument("--dali-threads", type=int, nargs="+", default=[8, 16], help="DALI thread counts to compare")
     p.add_argument("--hw-decoder-load", type=float, default=0.65)
     p.add_argument("--shard-batches", type=int, default=16, help="batches in the timed ShardClassifier.run")
-    p.add_argument("--switch-intervals", type=float, nargs="+", default=[5.0, 0.5],
-                   help="sys.setswitchinterval values (ms) to run the shard with; Python's default is 5")
     p.add_argument("--shard-readers", type=int, nargs="*", default=[1, 2], help="reader threads to run the shard with")
     p.add_argument("--stream-depths", type=int, nargs="+", default=[2, 3], help="decode_stream depths to compare")
     args = p.parse_args()
@@ -90,19 +88,16 @@ def main() -> None:
         rows["model top-k incl. copy to host, CUDA graph"] = timed(lambda: worker.classifier.top_k(images, 5), args.repeat)
     ctx = RunContext("m", "1", "x" * 64, "run", 5)
     shard = (files * (args.shard_batches * n // len(files) + 1))[: args.shard_batches * n]
-    default_interval = sys.getswitchinterval()
-    for interval in args.switch_intervals:  # how long a thread holds the GIL before another waiting one gets it
-        sys.setswitchinterval(interval / 1000)
+    what = f"ShardClassifier.run over {len(shard)} images (stages overlapped)"
+    if worker.process_readers is not None:
         sec = timed(lambda: worker.run(shard, [None] * len(shard), ctx), max(1, args.repeat // 4))
-        rows[f"ShardClassifier.run over {len(shard)} images (stages overlapped), {worker.readers._max_workers} "
-             f"reader threads, GIL switch interval {interval} ms"] = sec * n / len(shard)
-    sys.setswitchinterval(default_interval)
+        rows[f"{what}, {worker.process_readers.workers} reader processes"] = sec * n / len(shard)
+    worker.process_readers = None
     for count in args.shard_readers:
         worker.readers.shutdown()
         worker.readers = ThreadPoolExecutor(count, thread_name_prefix="a2k-read")
         sec = timed(lambda: worker.run(shard, [None] * len(shard), ctx), max(1, args.repeat // 4))
-        rows[f"ShardClassifier.run over {len(shard)} images (stages overlapped), {count} reader threads"] = \
-            sec * n / len(shard)
+        rows[f"{what}, {count} reader threads"] = sec * n / len(shard)
     print(f"batch of {n} images, {args.arch}, median of {args.repeat}; DALI threads in the shard run: "
           f"{worker.decoder.num_threads}")
     print("| stage | ms per batch | images/s |\n|---|---|---|")

@@ -25,13 +25,14 @@ import pyarrow as pa
 import torch
 
 from a2k.devices import resolve_device
-from tasks.decode import STREAM_DEPTH, DecodedBatch, ImageDecoder
+from tasks.decode import STREAM_DEPTH, DecodedBatch, ImageDecoder, default_threads
 from tasks.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
+from tasks.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders, read_processes_available
 from tasks.infer import Classifier, fit_batch_size, limit_gpu_memory
 from tasks.manifest import Shard
 from tasks.models import ModelEntry
 from tasks.sink import ERROR_SCHEMA, ERRORS_DIR, PREDICTION_SCHEMA, part_name, write_part
-from tasks.storage import read_parquet
+from tasks.storage import is_url, read_parquet
 
 __all__ = ["Classifier", "RunContext", "ShardClassifier", "ShardOutcome", "classify_shard", "limit_gpu_memory",
            "part_key", "shard_classifier"]
@@ -45,10 +46,17 @@ DECODE_AHEAD = 2  # decoded batches waiting for the model (each holds its images
 # needed again if DALI fails on them), and n + 1 .. n + READ_AHEAD - 1 are read or being read: READ_AHEAD +
 # STREAM_DEPTH batches hold arenas. One more is margin.
 ARENAS = READ_AHEAD + STREAM_DEPTH + 1
-# Threads reading local files. Reads from the page cache are GIL-bound: 256 files took 11.7 ms on one thread
-# and 31 ms on 16 on the H100 machine (bench/NOTES.md); a few threads keep reads from cold disks or network
-# filesystems overlapping without that contention.
+# Threads reading local files where worker processes cannot (see READ_PROCESSES). Reads from the page cache
+# hold the GIL the decode and model threads need: a shard ran at 6,398 images/s with 1 reader thread, 6,269
+# with 2 and 5,108 with 4 on the H100 machine (bench/NOTES.md, variant 7).
 LOCAL_READERS = 1
+# Worker processes reading and header-checking local files into shared memory (tasks.read_procs): a quarter of
+# the usable cores, 1 to 4. 0 reads in threads.
+MAX_READ_PROCESSES = 4
+
+
+def default_read_processes() -> int:
+    return max(1, min(MAX_READ_PROCESSES, default_threads() // 4))
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,7 @@ class ShardClassifier:
     def __init__(
         self, model_dir: str, device: str, batch_size: int | None, num_threads: int | None,
         hw_decoder_load: float = 0.65, gpu_memory_gb: float | None = None, local_readers: int = LOCAL_READERS,
+        read_processes: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.ballast = limit_gpu_memory(self.device, gpu_memory_gb) if gpu_memory_gb else None
@@ -119,7 +128,20 @@ class ShardClassifier:
         self.decode_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-decode")
         self.decode_stream = torch.cuda.Stream(self.device.torch_device) if self.device.is_cuda else None
         self.arenas = [ReadArena() for _ in range(ARENAS)]
+        self.process_readers = self._start_read_processes(
+            default_read_processes() if read_processes is None else read_processes)
         self._busy = threading.Lock()
+
+    def _start_read_processes(self, workers: int) -> ProcessReaders | None:
+        """Reader processes for local files, or None (threads read them) where they cannot run; S3 objects are
+        always fetched by the filesystem's event loop."""
+        if workers < 1:
+            return None
+        slot_bytes = max(MIN_SLOT_BYTES, self.batch_size * SLOT_BYTES_PER_IMAGE)
+        if why_not := read_processes_available(ARENAS, slot_bytes):
+            log.info("local files are read in threads: %s", why_not)
+            return None
+        return ProcessReaders(workers, ARENAS, slot_bytes)
 
     def run(
         self, uris: list[str], true_labels: list[str | None], ctx: RunContext, max_pixels: int = DEFAULT_MAX_PIXELS
@@ -172,8 +194,10 @@ class ShardClassifier:
         read_failures: deque[tuple[list[int], list[tuple[int, Failure]]]] = deque()
 
         def read(n: int) -> Future:
-            return self.read_stage.submit(
-                load_blobs, [uris[i] for i in batches[n]], self.readers, max_pixels, self.arenas[n % ARENAS])
+            batch = [uris[i] for i in batches[n]]
+            if self.process_readers is not None and not is_url(batch[0]):
+                return self.read_stage.submit(self.process_readers.load, batch, n % ARENAS, max_pixels)
+            return self.read_stage.submit(load_blobs, batch, self.readers, max_pixels, self.arenas[n % ARENAS])
 
         def blob_batches():
             for n in range(min(READ_AHEAD, len(batches))):

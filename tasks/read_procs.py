@@ -1,0 +1,138 @@
+"""Read and header-check local files in worker processes, into shared memory. In threads, the reads and the
+marker walks held the GIL that the decode and model threads of a shard also need (bench/NOTES.md, variant 8);
+in processes they hold none of it, and what comes back per file is an offset, a length and a verdict."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import multiprocessing
+import os
+import uuid
+import weakref
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.shared_memory import SharedMemory
+
+from tasks.read import DEFAULT_MAX_PIXELS, Blob, Failure, checked_blob, read_image
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+SLOT_PREFIX = "a2k-read-"  # then the owning process id: orphans are found by it
+MIN_SLOT_BYTES = 64 << 20
+SLOT_BYTES_PER_IMAGE = 512 << 10  # room for photos ~5x the ImageNet mean (~110 kB); larger files come back as bytes
+
+
+def read_processes_available(slots: int, slot_bytes: int) -> str | None:
+    """Why worker processes cannot read here (None when they can): they need a shared-memory filesystem with
+    room for the slots, and a process that may have children (Dask's worker processes are daemons)."""
+    if multiprocessing.current_process().daemon:
+        return "this is a daemonic process (a Dask worker, say), which may not start processes"
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError as e:
+        return f"no shared-memory filesystem at {SHM_DIR} ({e.strerror})"
+    free = st.f_bavail * st.f_frsize
+    if free < 2 * slots * slot_bytes:  # containers often get a 64 MB /dev/shm: filling it would kill the process
+        return (f"{SHM_DIR} has {free / 2**20:.0f} MiB free, under twice the {slots * slot_bytes / 2**20:.0f} MiB "
+                f"the read slots take (Docker: --shm-size)")
+    return None
+
+
+class _Region:
+    """`ReadArena.take` over one chunk's share of a slot, in a worker process: no lock, one reader."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view, self.used = view, 0
+
+    def take(self, size: int) -> memoryview | None:
+        if self.used + size > len(self._view):
+            return None
+        start, self.used = self.used, self.used + size
+        return self._view[start : start + size]
+
+
+_SLOTS: list[memoryview] = []  # in a worker process: every slot, mapped once by _attach
+
+
+def _map(path: str) -> memoryview:
+    with open(path, "r+b") as f:
+        return memoryview(mmap.mmap(f.fileno(), 0))
+
+
+def _attach(paths: list[str]) -> None:
+    """Map the slots by path, not through SharedMemory: attaching that way registers each with the resource
+    tracker, which would remove them when this worker exits (the parent owns and removes them)."""
+    _SLOTS.extend(_map(path) for path in paths)
+
+
+def _read_chunk(slot: int, start: int, size: int, uris: list[str], max_pixels: int) -> list:
+    """In a worker: read and check `uris` into bytes [start, start + size) of a slot. A file read there comes
+    back as (offset, length, pillow_reason); one that did not fit, or that the check copied, as its `Blob`."""
+    region = _Region(_SLOTS[slot][start : start + size])
+    out: list = []
+    for uri in uris:
+        offset = region.used
+        data = read_image(uri, region)
+        item = data if isinstance(data, Failure) else checked_blob(data, max_pixels)
+        if isinstance(item, Blob) and isinstance(item.data, memoryview):
+            item = (start + offset, len(item.data), item.pillow_reason)
+        out.append(item)
+    return out
+
+
+class ProcessReaders:
+    """`workers` processes that read batches of local files into `slots` shared-memory slots; a batch read into
+    slot k is valid until the next batch read into slot k (as a `ReadArena` ring)."""
+
+    def __init__(self, workers: int, slots: int, slot_bytes: int) -> None:
+        self.workers, self.slot_bytes = workers, slot_bytes
+        # SharedMemory creates each slot (and its resource tracker removes it should this process die); the
+        # slots are used through mappings of their own, so that views handed out never block its close()
+        _remove_orphaned_slots()
+        self._shm = [SharedMemory(name=f"{SLOT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}", create=True,
+                                  size=slot_bytes) for _ in range(slots)]
+        paths = [os.path.join(SHM_DIR, s.name) for s in self._shm]
+        for s in self._shm:
+            s.close()
+        self._views = [_map(path) for path in paths]
+        context = multiprocessing.get_context("forkserver")  # not fork: this process runs threads (and CUDA)
+        self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_attach, initargs=(paths,))
+        weakref.finalize(self, _release, self._pool, self._shm)
+
+    def load(self, uris: list[str], slot: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Blob | Failure]:
+        """`load_blobs` for local files, in the worker processes; order follows `uris`."""
+        per = -(-len(uris) // self.workers) or 1
+        chunks = [uris[i : i + per] for i in range(0, len(uris), per)]
+        share = self.slot_bytes // max(len(chunks), 1)
+        futures = [self._pool.submit(_read_chunk, slot, k * share, share, chunk, max_pixels)
+                   for k, chunk in enumerate(chunks)]
+        view = self._views[slot]
+        out: list[Blob | Failure] = []
+        for future in futures:
+            for item in future.result():
+                out.append(Blob(view[item[0] : item[0] + item[1]], item[2]) if isinstance(item, tuple) else item)
+        return out
+
+
+def _remove_orphaned_slots() -> None:
+    """Remove the slots of a2k processes that are gone. A process killed with its whole group (its resource
+    tracker too, as a kill -9 of a job's process group does) leaves them in memory until the machine restarts."""
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(SLOT_PREFIX):
+            continue
+        try:
+            os.kill(int(name[len(SLOT_PREFIX):].split("-")[0]), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM_DIR, name))
+                log.info("removed %s, left in %s by an a2k process that is gone", name, SHM_DIR)
+        except (ValueError, PermissionError):  # not one of ours after all, or another user's live process
+            continue
+
+
+def _release(pool: ProcessPoolExecutor, shm: list[SharedMemory]) -> None:
+    pool.shutdown(wait=True, cancel_futures=True)
+    for s in shm:
+        s.unlink()  # the mapping goes when the last view of it does

@@ -1,0 +1,59 @@
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tasks import read_procs
+from tasks.read import Blob, Failure, load_blobs
+from tasks.read_procs import ProcessReaders, read_processes_available
+from tests.conftest import ODD_IMAGES, photo_paths
+
+
+@pytest.fixture
+def mixed_files(tmp_path, truncated_jpeg) -> list[str]:
+    """Photos, odd images Pillow decodes instead of DALI, files the header check refuses, and a vanished one."""
+    (tmp_path / "cut.jpg").write_bytes(truncated_jpeg)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_bytes(b"not an image")
+    odd = sorted(p for p in ODD_IMAGES.iterdir() if p.is_file())[:12]
+    return ([str(p) for p in photo_paths(20)] + [str(p) for p in odd]
+            + [str(tmp_path / n) for n in ("cut.jpg", "empty.png", "text.jpg", "gone.jpg")])
+
+
+def _verdicts(items: list[Blob | Failure]) -> list:
+    return [(f.kind, f.message) if isinstance(f := item, Failure) else (bytes(item.data), item.pillow_reason)
+            for item in items]
+
+
+def test_worker_processes_read_and_check_as_threads_do(mixed_files):
+    with ThreadPoolExecutor(1) as pool:
+        want = _verdicts(load_blobs(mixed_files, pool))
+    in_shared_memory = []
+    for slot_bytes in (64 << 20, 256 << 10):  # roomy; and too small for most files, which come back as bytes
+        readers = ProcessReaders(workers=2, slots=2, slot_bytes=slot_bytes)
+        for slot in (0, 1, 0):  # a slot is reused by the batch after next
+            got = readers.load(mixed_files, slot)
+            assert _verdicts(got) == want
+        in_shared_memory.append(sum(isinstance(b, Blob) and isinstance(b.data, memoryview) for b in got))
+    assert in_shared_memory[0] >= 20 > in_shared_memory[1] > 0, in_shared_memory  # every photo; then a few
+
+
+def test_reader_processes_say_why_they_cannot_run(monkeypatch):
+    assert read_processes_available(slots=2, slot_bytes=1 << 20) is None
+    monkeypatch.setattr(read_procs, "SHM_DIR", "/nonexistent-shm")
+    assert "no shared-memory filesystem at /nonexistent-shm" in read_processes_available(2, 1 << 20)
+
+
+def test_slots_left_by_a_process_that_is_gone_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"{read_procs.SLOT_PREFIX}{int(gone.stdout)}-abc"
+    alive = tmp_path / f"{read_procs.SLOT_PREFIX}{os.getpid()}-abc"
+    other = tmp_path / "psm_not_ours"
+    for f in (orphan, alive, other):
+        f.write_bytes(b"x")
+    monkeypatch.setattr(read_procs, "SHM_DIR", str(tmp_path))
+    read_procs._remove_orphaned_slots()
+    assert not orphan.exists() and alive.exists() and other.exists()
