@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,29 @@ def timed(fn, repeat: int) -> float:
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def beside(main_fn, side_fn) -> tuple[float, float]:
+    """Seconds `main_fn()` took while `side_fn()` ran in a loop on another thread, and seconds a `side_fn()` call
+    took meanwhile (its calls that ended during `main_fn`, averaged): how much two stages slow each other when
+    they run at once with no data passing between them (sharing the GPU and the GIL, as in a shard run)."""
+    done, ends = threading.Event(), []
+
+    def loop() -> None:
+        while not done.is_set():
+            side_fn()
+            ends.append(time.perf_counter())
+
+    side = threading.Thread(target=loop)
+    side.start()
+    time.sleep(0.5)  # the side loop warmed up and running
+    t0 = time.perf_counter()
+    main_fn()
+    t1 = time.perf_counter()
+    done.set()
+    side.join()
+    during = [t for t in ends if t0 <= t <= t1]
+    return t1 - t0, (during[-1] - during[0]) / (len(during) - 1) if len(during) > 1 else float("nan")
 
 
 def main() -> None:
@@ -86,23 +110,55 @@ def main() -> None:
     if graph is not None:
         worker.classifier.graph = graph
         rows["model top-k incl. copy to host, CUDA graph"] = timed(lambda: worker.classifier.top_k(images, 5), args.repeat)
+    if worker.decode_stream is not None:  # as in a shard run: decode on its stream and thread, the model beside it
+        import torch
+
+        from tasks.decode import STREAM_DEPTH
+
+        def decode_shard() -> None:
+            with torch.cuda.stream(worker.decode_stream):
+                list(worker.decoder.decode_stream([blobs] * args.shard_batches, STREAM_DEPTH))
+            torch.cuda.synchronize()
+
+        rows[f"DALI decode streamed alone (shard's decoder, depth {STREAM_DEPTH})"] = \
+            timed(decode_shard, 1) / args.shard_batches
+        sec, model_sec = beside(decode_shard, lambda: worker.classifier.top_k(images, 5))
+        rows["DALI decode streamed, the model looping beside it"] = sec / args.shard_batches
+        rows["model top-k, while the decode stream runs beside it"] = model_sec
+        model_stream = torch.cuda.Stream()
+
+        def top_k_on_own_stream() -> None:
+            with torch.cuda.stream(model_stream):
+                worker.classifier.top_k(images, 5)
+
+        sec, model_sec = beside(decode_shard, top_k_on_own_stream)
+        rows["DALI decode streamed, the model looping beside it on a stream of its own"] = sec / args.shard_batches
+        rows["model top-k on a stream of its own, while the decode stream runs beside it"] = model_sec
     ctx = RunContext("m", "1", "x" * 64, "run", 5)
     shard = (files * (args.shard_batches * n // len(files) + 1))[: args.shard_batches * n]
     what = f"ShardClassifier.run over {len(shard)} images (stages overlapped)"
+    waits = {}
+
+    def shard_run(label: str) -> None:
+        runs = [worker.run(shard, [None] * len(shard), ctx)[2] for _ in range(1 + max(1, args.repeat // 4))][1:]
+        best = min(runs, key=lambda t: t.seconds)
+        rows[label] = best.seconds * n / len(shard)
+        waits[label] = best.describe()
+
     if worker.process_readers is not None:
-        sec = timed(lambda: worker.run(shard, [None] * len(shard), ctx), max(1, args.repeat // 4))
-        rows[f"{what}, {worker.process_readers.workers} reader processes"] = sec * n / len(shard)
+        shard_run(f"{what}, {worker.process_readers.workers} reader processes")
     worker.process_readers = None
     for count in args.shard_readers:
         worker.readers.shutdown()
         worker.readers = ThreadPoolExecutor(count, thread_name_prefix="a2k-read")
-        sec = timed(lambda: worker.run(shard, [None] * len(shard), ctx), max(1, args.repeat // 4))
-        rows[f"{what}, {count} reader threads"] = sec * n / len(shard)
+        shard_run(f"{what}, {count} reader threads")
     print(f"batch of {n} images, {args.arch}, median of {args.repeat}; DALI threads in the shard run: "
           f"{worker.decoder.num_threads}")
     print("| stage | ms per batch | images/s |\n|---|---|---|")
     for name, sec_ in rows.items():
         print(f"| {name} | {sec_ * 1000:.1f} | {n / sec_:,.0f} |")
+    for name, described in waits.items():
+        print(f"{name}: {described}")
 
 
 if __name__ == "__main__":

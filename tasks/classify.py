@@ -81,6 +81,7 @@ class ShardOutcome:
     decode_infer_seconds: float
     write_seconds: float
     resumed: bool = False
+    waits: str = ""  # ShardTiming.describe()
 
 
 def part_key(shard: Shard, entry: ModelEntry, top_k: int) -> str:
@@ -88,6 +89,22 @@ def part_key(shard: Shard, entry: ModelEntry, top_k: int) -> str:
     settings = json.dumps({"pre": entry.preprocessing.to_dict(), "top_k": top_k}, sort_keys=True)
     digest = hashlib.sha256(f"{shard.shard_id}|{entry.weights_sha256}|{settings}".encode()).hexdigest()[:20]
     return f"{shard.index:06d}-{digest}"  # the index keeps parts in listing order for readers
+
+
+@dataclass
+class ShardTiming:
+    """Seconds a shard run took, and what each stage spent waiting on another: where the time goes. The model
+    waiting for decode means decoding (or reading) bounds the run; decode waiting for the model means the
+    model does."""
+
+    seconds: float = 0.0
+    model_for_decode: float = 0.0
+    decode_for_reads: float = 0.0
+    decode_for_model: float = 0.0
+
+    def describe(self) -> str:
+        return (f"model waited {self.model_for_decode:.2f}s for decode, decode {self.decode_for_reads:.2f}s for "
+                f"reads and {self.decode_for_model:.2f}s for the model")
 
 
 @dataclass
@@ -145,23 +162,26 @@ class ShardClassifier:
 
     def run(
         self, uris: list[str], true_labels: list[str | None], ctx: RunContext, max_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> tuple[pa.Table, pa.Table, float]:
-        """Predictions and errors for `uris` (every uri lands in exactly one), and seconds spent (not counting
+    ) -> tuple[pa.Table, pa.Table, ShardTiming]:
+        """Predictions and errors for `uris` (every uri lands in exactly one), and the time spent (not counting
         the wait for a shard another thread is running: one shard at a time uses the decoder and the card)."""
         with self._busy:
             return self._run(uris, true_labels, ctx, max_pixels)
 
     def _run(self, uris: list[str], true_labels: list[str | None], ctx: RunContext, max_pixels: int):
         start = time.perf_counter()
+        timing = ShardTiming()
         pred_batches: list[pa.RecordBatch] = []
         err_rows: list[tuple[str, Failure]] = []
         batches = [list(range(i, min(i + self.batch_size, len(uris)))) for i in range(0, len(uris), self.batch_size)]
         decoded: queue.Queue[_Decoded | BaseException] = queue.Queue(maxsize=DECODE_AHEAD)
         stop = threading.Event()
-        stage = self.decode_stage.submit(self._decode_all, uris, batches, max_pixels, decoded, stop)
+        stage = self.decode_stage.submit(self._decode_all, uris, batches, max_pixels, decoded, stop, timing)
         try:
             for _ in batches:
+                t0 = time.perf_counter()
                 batch = decoded.get()
+                timing.model_for_decode += time.perf_counter() - t0
                 if isinstance(batch, BaseException):
                     raise batch
                 err_rows += [(uris[i], f) for i, f in batch.failures]
@@ -184,10 +204,11 @@ class ShardClassifier:
             raise RuntimeError(
                 f"{len(uris)} images in, {predictions.num_rows} predicted + {errors.num_rows} errors out: rows were lost"
             )
-        return predictions, errors, time.perf_counter() - start
+        timing.seconds = time.perf_counter() - start
+        return predictions, errors, timing
 
     def _decode_all(self, uris: list[str], batches: list[list[int]], max_pixels: int,
-                    out: queue.Queue[_Decoded | BaseException], stop: threading.Event) -> None:
+                    out: queue.Queue[_Decoded | BaseException], stop: threading.Event, timing: ShardTiming) -> None:
         """The decode stage, on its own thread (and CUDA stream): the shard's batches read ahead, streamed
         through the decoder, and put on `out` in order; an error is put on `out` in place of a batch."""
         reads: deque[Future] = deque()
@@ -203,7 +224,9 @@ class ShardClassifier:
             for n in range(min(READ_AHEAD, len(batches))):
                 reads.append(read(n))
             for n in range(len(batches)):
+                t0 = time.perf_counter()
                 blobs = reads.popleft().result()
+                timing.decode_for_reads += time.perf_counter() - t0
                 if n + READ_AHEAD < len(batches):
                     reads.append(read(n + READ_AHEAD))
                 good = [i for i, b in zip(batches[n], blobs) if not isinstance(b, Failure)]
@@ -215,8 +238,11 @@ class ShardClassifier:
                     torch.cuda.stream(self.decode_stream):  # no stream (CPU): no-op
                 for batch in stream:
                     good, failures = read_failures.popleft()
-                    if not _put(out, self._decoded(batch, good, failures), stop):
+                    decoded = self._decoded(batch, good, failures)
+                    t0 = time.perf_counter()
+                    if not _put(out, decoded, stop):
                         return
+                    timing.decode_for_model += time.perf_counter() - t0
         except BaseException as e:  # noqa: BLE001 - handed to the model thread, which raises it
             _put(out, e, stop)
         finally:
@@ -331,7 +357,7 @@ def classify_shard(
     """
     rows = read_parquet(manifest_path, columns=["uri", "label"]).slice(shard.start, shard.size)
     uris = rows.column("uri").to_pylist()
-    predictions, errors, seconds = worker.run(uris, rows.column("label").to_pylist(), ctx)
+    predictions, errors, timing = worker.run(uris, rows.column("label").to_pylist(), ctx)
     t0 = time.perf_counter()
     if errors.num_rows:
         write_part(errors, output, part_name(key), subdir=ERRORS_DIR)
@@ -341,8 +367,9 @@ def classify_shard(
         part=part_name(key),
         predicted=predictions.num_rows,
         errors=errors.num_rows,
-        decode_infer_seconds=seconds,
+        decode_infer_seconds=timing.seconds,
         write_seconds=time.perf_counter() - t0,
+        waits=timing.describe(),
     )
 
 
@@ -389,9 +416,9 @@ def classify_shard_task(
         outcome = classify_shard(manifest_path, shard, output, key, worker, ctx)
     n = outcome.predicted + outcome.errors
     get_run_logger().info(
-        "shard %d: %d images, %d predicted, %d errors, %.0f images/s (decode+infer %.2fs, write %.2fs) on %s%s",
+        "shard %d: %d images, %d predicted, %d errors, %.0f images/s (decode+infer %.2fs: %s; write %.2fs) on %s%s",
         shard.index, n, outcome.predicted, outcome.errors, n / max(outcome.decode_infer_seconds, 1e-9),
-        outcome.decode_infer_seconds, outcome.write_seconds, worker.device,
+        outcome.decode_infer_seconds, outcome.waits, outcome.write_seconds, worker.device,
         f" holding concurrency slots {', '.join(slots)}" if slots else "",
     )
     return outcome
