@@ -11,7 +11,7 @@ import multiprocessing
 import os
 import uuid
 import weakref
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing.shared_memory import SharedMemory
 
 from tasks.read import DEFAULT_MAX_PIXELS, Blob, Failure, checked_blob, read_image
@@ -22,6 +22,9 @@ SHM_DIR = "/dev/shm"
 SLOT_PREFIX = "a2k-read-"  # then the owning process id: orphans are found by it
 MIN_SLOT_BYTES = 64 << 20
 SLOT_BYTES_PER_IMAGE = 512 << 10  # room for photos ~5x the ImageNet mean (~110 kB); larger files come back as bytes
+# Reads in flight in each process: files not in the page cache wait on the disk, and one read at a time leaves it
+# idle (bench/cold_reads.py). The threads contend only for their own process's GIL.
+THREADS_PER_PROCESS = 4
 
 
 def read_processes_available(slots: int, slot_bytes: int) -> str | None:
@@ -54,6 +57,7 @@ class _Region:
 
 
 _SLOTS: list[memoryview] = []  # in a worker process: every slot, mapped once by _attach
+_THREADS: list[tuple[ThreadPoolExecutor, int]] = []  # in a worker process: its reader threads and their number
 
 
 def _map(path: str) -> memoryview:
@@ -61,15 +65,27 @@ def _map(path: str) -> memoryview:
         return memoryview(mmap.mmap(f.fileno(), 0))
 
 
-def _attach(paths: list[str]) -> None:
+def _attach(paths: list[str], threads: int) -> None:
     """Map the slots by path, not through SharedMemory: attaching that way registers each with the resource
     tracker, which would remove them when this worker exits (the parent owns and removes them)."""
     _SLOTS.extend(_map(path) for path in paths)
+    _THREADS.append((ThreadPoolExecutor(threads, thread_name_prefix="a2k-read"), threads))
 
 
 def _read_chunk(slot: int, start: int, size: int, uris: list[str], max_pixels: int) -> list:
-    """In a worker: read and check `uris` into bytes [start, start + size) of a slot. A file read there comes
-    back as (offset, length, pillow_reason); one that did not fit, or that the check copied, as its `Blob`."""
+    """In a worker: read and check `uris` into bytes [start, start + size) of a slot, split among its threads."""
+    pool, threads = _THREADS[0]
+    per = -(-len(uris) // threads) or 1
+    parts = -(-len(uris) // per)
+    share = size // max(parts, 1)
+    done = pool.map(lambda k: _read_part(slot, start + k * share, share, uris[k * per : (k + 1) * per], max_pixels),
+                    range(parts))
+    return [item for part in done for item in part]
+
+
+def _read_part(slot: int, start: int, size: int, uris: list[str], max_pixels: int) -> list:
+    """Read and check `uris` into bytes [start, start + size) of a slot. A file read there comes back as
+    (offset, length, pillow_reason); one that did not fit, or that the check copied, as its `Blob`."""
     region = _Region(_SLOTS[slot][start : start + size])
     out: list = []
     for uri in uris:
@@ -86,7 +102,7 @@ class ProcessReaders:
     """`workers` processes that read batches of local files into `slots` shared-memory slots; a batch read into
     slot k is valid until the next batch read into slot k (as a `ReadArena` ring)."""
 
-    def __init__(self, workers: int, slots: int, slot_bytes: int) -> None:
+    def __init__(self, workers: int, slots: int, slot_bytes: int, threads: int = THREADS_PER_PROCESS) -> None:
         self.workers, self.slot_bytes = workers, slot_bytes
         # SharedMemory creates each slot (and its resource tracker removes it should this process die); the
         # slots are used through mappings of their own, so that views handed out never block its close()
@@ -98,7 +114,8 @@ class ProcessReaders:
             s.close()
         self._views = [_map(path) for path in paths]
         context = multiprocessing.get_context("forkserver")  # not fork: this process runs threads (and CUDA)
-        self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_attach, initargs=(paths,))
+        self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_attach,
+                                         initargs=(paths, threads))
         weakref.finalize(self, _release, self._pool, self._shm)
 
     def load(self, uris: list[str], slot: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Blob | Failure]:
