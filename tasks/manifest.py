@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -16,6 +18,8 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.storage import filesystem, full_url, is_url, object_paths, read_parquet, redact, write_parquet
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
@@ -33,7 +37,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _is_image(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
 def list_images(source: str | os.PathLike) -> pa.Table:
@@ -54,25 +58,58 @@ def list_images(source: str | os.PathLike) -> pa.Table:
         if path.suffix.lower() != ".parquet":
             raise ValueError(f"input {str(source)!r} is a file but not a .parquet manifest; give a folder or a manifest")
         return read_manifest(path)
-    root = path.resolve()
     rows: dict[str, list] = {"uri": [], "bytes": [], "mtime_ns": [], "label": []}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        depth = len(Path(dirpath).relative_to(root).parts)
-        for name in filenames:
-            if name.startswith(".") or not _is_image(name):
-                continue
-            full = Path(dirpath) / name
-            try:
-                st = full.stat()
-            except FileNotFoundError:  # vanished while listing: it was never part of this run
-                continue
-            rows["uri"].append(str(full))
-            rows["bytes"].append(st.st_size)
-            rows["mtime_ns"].append(st.st_mtime_ns)
-            rows["label"].append(Path(dirpath).name if depth == 1 else None)
+    for folder_rows in _walk_folders(str(path.resolve())):
+        for key, values in zip(("uri", "bytes", "mtime_ns", "label"), folder_rows):
+            rows[key] += values
     rows["etag"] = [None] * len(rows["uri"])
     return sort_manifest(pa.table(rows, schema=MANIFEST_SCHEMA))
+
+
+def _walk_folders(root: str) -> Iterator[tuple[list, list, list, list]]:
+    """The images of each folder under `root` (uris, sizes, mtimes, labels). Hidden files are skipped; links
+    to folders are not followed (as `os.walk` does); a file that vanishes while listed was never part of the
+    run; a subfolder that cannot be read is logged and skipped."""
+    stack = [(root, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        files, subfolders = _list_folder(folder, depth)
+        stack += [(sub, depth + 1) for sub in reversed(subfolders)]
+        if files[0]:
+            yield files
+
+
+def _list_folder(folder: str, depth: int) -> tuple[tuple[list, list, list, list], list[str]]:
+    """One folder's images (uris, sizes, mtimes, labels; os.scandir and plain strings: pathlib took two thirds
+    of the time) and its subfolders."""
+    uris: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    subfolders: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        if depth == 0:
+            raise
+        log.warning("skipped folder %s: %s", folder, e.strerror or e)
+        entries = []
+    for entry in entries:
+        name = entry.name
+        if entry.is_dir():
+            if not entry.is_symlink():
+                subfolders.append(entry.path)
+            continue
+        if name.startswith(".") or not _is_image(name):
+            continue
+        try:
+            st = entry.stat()
+        except FileNotFoundError:  # vanished while listing (or a dangling link): never part of this run
+            continue
+        uris.append(entry.path)
+        sizes.append(st.st_size)
+        mtimes.append(st.st_mtime_ns)
+    label = os.path.basename(folder) if depth == 1 else None
+    return (uris, sizes, mtimes, [label] * len(uris)), subfolders
 
 
 def _list_objects(source: str) -> pa.Table:

@@ -23,6 +23,32 @@ def test_lists_image_suffixes_recursively_case_insensitively_and_sorted(tmp_path
     assert table.column("bytes").to_pylist() == [1] * 7
 
 
+def test_links_to_files_are_listed_but_links_to_folders_and_dangling_links_are_not(tmp_path):
+    _touch(tmp_path / "src" / "a.jpg")
+    _touch(tmp_path / "elsewhere" / "b.jpg")
+    (tmp_path / "src" / "linked.jpg").symlink_to(tmp_path / "src" / "a.jpg")
+    (tmp_path / "src" / "gone.jpg").symlink_to(tmp_path / "src" / "missing.jpg")
+    (tmp_path / "src" / "folder.jpg").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    table = list_images(tmp_path / "src")
+    assert [os.path.basename(u) for u in table.column("uri").to_pylist()] == ["a.jpg", "linked.jpg"]
+
+
+def test_a_subfolder_that_cannot_be_read_is_logged_and_the_rest_listed(tmp_path, caplog, monkeypatch):
+    _touch(tmp_path / "ok" / "a.jpg")
+    _touch(tmp_path / "locked" / "b.jpg")
+    scandir = os.scandir
+
+    def refuse_locked(path):  # chmod 0 stops no one when the tests run as root: refuse as the kernel would
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    table = list_images(tmp_path)
+    assert [os.path.basename(u) for u in table.column("uri").to_pylist()] == ["a.jpg"]
+    assert "skipped folder" in caplog.text and "locked: Permission denied" in caplog.text
+
+
 def test_label_comes_from_the_class_folder_only_at_class_depth(tmp_path):
     _touch(tmp_path / "cat" / "1.jpg")
     _touch(tmp_path / "cat" / "deeper" / "2.jpg")
