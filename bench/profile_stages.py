@@ -55,6 +55,52 @@ def beside(main_fn, side_fn) -> tuple[float, float]:
     return t1 - t0, (during[-1] - during[0]) / (len(during) - 1) if len(during) > 1 else float("nan")
 
 
+def gpu_timeline(fn, trace_path: Path) -> list[str]:
+    """Run `fn()` under the PyTorch profiler (CUPTI sees every kernel of the process, DALI's and nvJPEG's too),
+    write the Chrome trace (gzipped) to `trace_path`, and summarize it: how much of the span the GPU was busy,
+    how much of it two streams' kernels overlapped, and each stream's kernels."""
+    import gzip
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+    raw = trace_path.with_suffix("")
+    prof.export_chrome_trace(str(raw))
+    events = json.loads(raw.read_text())["traceEvents"]
+    with gzip.open(trace_path, "wt") as f:
+        json.dump(events, f)
+    raw.unlink()
+    return summarize_timeline(events)
+
+
+def summarize_timeline(events: list[dict]) -> list[str]:
+    work = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not work:
+        return ["no GPU activity recorded"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in work if e["cat"] == "kernel")
+    busy = overlap = 0.0
+    end = spans[0][0]
+    for a, b in spans:  # union of kernel time, and time under two or more kernels at once
+        busy += max(0.0, b - max(a, end))
+        overlap += max(0.0, min(b, end) - a)
+        end = max(end, b)
+    span = max(e["ts"] + e["dur"] for e in work) - min(e["ts"] for e in work)
+    lines = [f"span {span / 1e3:.1f} ms: kernels busy {busy / 1e3:.1f} ms ({busy / span:.0%}), under two or more "
+             f"kernels at once {overlap / 1e3:.1f} ms"]
+    streams: dict = {}
+    for e in work:
+        key = (e.get("args", {}).get("stream"), e["cat"])
+        n, total, names = streams.get(key, (0, 0.0, {}))
+        names[e["name"][:60]] = names.get(e["name"][:60], 0.0) + e["dur"]
+        streams[key] = (n + 1, total + e["dur"], names)
+    for (stream, cat), (n, total, names) in sorted(streams.items(), key=lambda kv: -kv[1][1]):
+        top = ", ".join(f"{k} {v / 1e3:.1f}" for k, v in sorted(names.items(), key=lambda kv: -kv[1])[:3])
+        lines.append(f"stream {stream} {cat}: {n} ops, {total / 1e3:.1f} ms; most: {top}")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--source", type=Path, required=True)
@@ -68,6 +114,8 @@ def main() -> None:
     p.add_argument("--shard-batches", type=int, default=16, help="batches in the timed ShardClassifier.run")
     p.add_argument("--shard-readers", type=int, nargs="*", default=[1, 2], help="reader threads to run the shard with")
     p.add_argument("--stream-depths", type=int, nargs="+", default=[2, 3], help="decode_stream depths to compare")
+    p.add_argument("--trace-dir", type=Path, help="write GPU timelines of the decode stream alone, beside the "
+                   "model, and of a shard run there (Chrome traces, gzipped) and print their summaries")
     args = p.parse_args()
 
     import tempfile
@@ -83,6 +131,7 @@ def main() -> None:
     worker = ShardClassifier(str(model_dir), args.device, args.batch_size, None, args.hw_decoder_load)
     n = len(uris)
     rows = {}
+    timelines: dict[str, list[str]] = {}
     for count in args.readers:
         with ThreadPoolExecutor(count) as readers:
             rows[f"read + check, a bytes object a file ({count} threads)"] = timed(
@@ -134,8 +183,17 @@ def main() -> None:
         sec, model_sec = beside(decode_shard, top_k_on_own_stream)
         rows["DALI decode streamed, the model looping beside it on a stream of its own"] = sec / args.shard_batches
         rows["model top-k on a stream of its own, while the decode stream runs beside it"] = model_sec
+        if args.trace_dir:
+            args.trace_dir.mkdir(parents=True, exist_ok=True)
+            timelines["decode stream alone"] = gpu_timeline(decode_shard, args.trace_dir / "decode-alone.json.gz")
+            path = args.trace_dir / "decode-beside-model.json.gz"  # traced once the model's loop is running
+            beside(lambda: timelines.update({"decode stream, the model beside it": gpu_timeline(decode_shard, path)}),
+                   lambda: worker.classifier.top_k(images, 5))
     ctx = RunContext("m", "1", "x" * 64, "run", 5)
     shard = (files * (args.shard_batches * n // len(files) + 1))[: args.shard_batches * n]
+    if args.trace_dir and worker.decode_stream is not None:
+        timelines["a shard run"] = gpu_timeline(lambda: worker.run(shard, [None] * len(shard), ctx),
+                                                args.trace_dir / "shard.json.gz")
     what = f"ShardClassifier.run over {len(shard)} images (stages overlapped)"
     waits = {}
 
@@ -159,6 +217,8 @@ def main() -> None:
         print(f"| {name} | {sec_ * 1000:.1f} | {n / sec_:,.0f} |")
     for name, described in waits.items():
         print(f"{name}: {described}")
+    for name, lines in timelines.items():
+        print(f"GPU timeline, {name}:\n  " + "\n  ".join(lines))
 
 
 if __name__ == "__main__":
