@@ -82,6 +82,7 @@ class ShardOutcome:
     write_seconds: float
     resumed: bool = False
     waits: str = ""  # ShardTiming.describe()
+    reading: str = ""  # how local files were read: ShardClassifier.reading
 
 
 def part_key(shard: Shard, entry: ModelEntry, top_k: int) -> str:
@@ -145,20 +146,23 @@ class ShardClassifier:
         self.decode_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-decode")
         self.decode_stream = torch.cuda.Stream(self.device.torch_device) if self.device.is_cuda else None
         self.arenas = [ReadArena() for _ in range(ARENAS)]
-        self.process_readers = self._start_read_processes(
-            default_read_processes() if read_processes is None else read_processes)
+        threads = f"{local_readers} reader thread{'s' if local_readers > 1 else ''}"
+        self.process_readers, self.reading = self._start_read_processes(
+            default_read_processes() if read_processes is None else read_processes, threads)
         self._busy = threading.Lock()
 
-    def _start_read_processes(self, workers: int) -> ProcessReaders | None:
-        """Reader processes for local files, or None (threads read them) where they cannot run; S3 objects are
-        always fetched by the filesystem's event loop."""
+    def _start_read_processes(self, workers: int, threads: str) -> tuple[ProcessReaders | None, str]:
+        """Reader processes for local files, or None (threads read them) where they cannot run; and how local
+        files are read, in words, for the shard's log line and the run's summary. S3 objects are always fetched
+        by the filesystem's event loop."""
         if workers < 1:
-            return None
+            return None, threads
         slot_bytes = max(MIN_SLOT_BYTES, self.batch_size * SLOT_BYTES_PER_IMAGE)
         if why_not := read_processes_available(ARENAS, slot_bytes):
             log.info("local files are read in threads: %s", why_not)
-            return None
-        return ProcessReaders(workers, ARENAS, slot_bytes)
+            return None, f"{threads} ({why_not})"
+        readers = ProcessReaders(workers, ARENAS, slot_bytes)
+        return readers, f"{workers} reader process{'es' if workers > 1 else ''} x {readers.threads} threads"
 
     def run(
         self, uris: list[str], true_labels: list[str | None], ctx: RunContext, max_pixels: int = DEFAULT_MAX_PIXELS
@@ -370,6 +374,7 @@ def classify_shard(
         decode_infer_seconds=timing.seconds,
         write_seconds=time.perf_counter() - t0,
         waits=timing.describe(),
+        reading=worker.reading,
     )
 
 
@@ -416,9 +421,10 @@ def classify_shard_task(
         outcome = classify_shard(manifest_path, shard, output, key, worker, ctx)
     n = outcome.predicted + outcome.errors
     get_run_logger().info(
-        "shard %d: %d images, %d predicted, %d errors, %.0f images/s (decode+infer %.2fs: %s; write %.2fs) on %s%s",
+        "shard %d: %d images, %d predicted, %d errors, %.0f images/s (decode+infer %.2fs: %s; write %.2fs) on %s, "
+        "local files read by %s%s",
         shard.index, n, outcome.predicted, outcome.errors, n / max(outcome.decode_infer_seconds, 1e-9),
-        outcome.decode_infer_seconds, outcome.waits, outcome.write_seconds, worker.device,
+        outcome.decode_infer_seconds, outcome.waits, outcome.write_seconds, worker.device, outcome.reading,
         f" holding concurrency slots {', '.join(slots)}" if slots else "",
     )
     return outcome

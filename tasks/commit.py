@@ -212,6 +212,7 @@ def commit_run(
         "resumed_shards": sum(o.resumed for o in outcomes),
         "images_per_second": round(processed / busy, 1) if busy > 0 else None,
         "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
+        "reading": sorted({o.reading for o in outcomes if o.reading}),  # how local files were read, per worker kind
         "parts": sorted(parts),
         "generation": plan.base_generation + 1,
         "state": state_url,
@@ -242,6 +243,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"({summary['resumed_shards']} shards already committed) |",
         f"| images/s (decode+infer+write) | {summary['images_per_second']} |",
     ]
+    if summary.get("reading"):
+        lines.append(f"| local files read by | {'; '.join(summary['reading'])} |")
     lines += [f"| seconds: {k} | {v} |" for k, v in secs.items()]
     return "\n".join(lines) + "\n"
 
@@ -253,6 +256,7 @@ def shard_table(plan: RunPlan, outcomes: list[ShardOutcome]) -> list[dict[str, A
         {"shard": p.shard.index, "part": by_index[p.shard.index].part, "images": p.shard.size,
          "predicted": by_index[p.shard.index].predicted, "errors": by_index[p.shard.index].errors,
          "seconds": round(by_index[p.shard.index].decode_infer_seconds + by_index[p.shard.index].write_seconds, 3),
-         "resumed": by_index[p.shard.index].resumed}
+         "resumed": by_index[p.shard.index].resumed, "waits": by_index[p.shard.index].waits,
+         "reading": by_index[p.shard.index].reading}
         for p in plan.shards
     ]

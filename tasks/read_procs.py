@@ -9,6 +9,8 @@ import logging
 import mmap
 import multiprocessing
 import os
+import threading
+import time
 import uuid
 import weakref
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -25,13 +27,15 @@ SLOT_BYTES_PER_IMAGE = 512 << 10  # room for photos ~5x the ImageNet mean (~110 
 # Reads in flight in each process: files not in the page cache wait on the disk, and one read at a time leaves it
 # idle (bench/cold_reads.py). The threads contend only for their own process's GIL.
 THREADS_PER_PROCESS = 4
+OWNER_CHECK_SECONDS = 0.5  # how often a reader process checks that the process it reads for is alive
 
 
 def read_processes_available(slots: int, slot_bytes: int) -> str | None:
     """Why worker processes cannot read here (None when they can): they need a shared-memory filesystem with
     room for the slots, and a process that may have children (Dask's worker processes are daemons)."""
     if multiprocessing.current_process().daemon:
-        return "this is a daemonic process (a Dask worker, say), which may not start processes"
+        return ("this is a daemonic process, which may not start processes (a Dask worker: start the workers with "
+                "DASK_DISTRIBUTED__WORKER__DAEMON=False)")
     try:
         st = os.statvfs(SHM_DIR)
     except OSError as e:
@@ -65,11 +69,30 @@ def _map(path: str) -> memoryview:
         return memoryview(mmap.mmap(f.fileno(), 0))
 
 
-def _attach(paths: list[str], threads: int) -> None:
+def _attach(paths: list[str], threads: int, owner: int) -> None:
     """Map the slots by path, not through SharedMemory: attaching that way registers each with the resource
-    tracker, which would remove them when this worker exits (the parent owns and removes them)."""
+    tracker, which would remove them when this worker exits (the owner creates and unlinks them). Then exit
+    when the owner does: a Dask worker process is ended without running its exit handlers, and its readers
+    would be left behind."""
     _SLOTS.extend(_map(path) for path in paths)
     _THREADS.append((ThreadPoolExecutor(threads, thread_name_prefix="a2k-read"), threads))
+    threading.Thread(target=_exit_with, args=(owner,), name="a2k-read-owner", daemon=True).start()
+
+
+def _exit_with(owner: int) -> None:
+    while True:
+        time.sleep(OWNER_CHECK_SECONDS)
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # the owner's pid now belongs to another user's process: the owner is gone
+            os._exit(0)
+
+
+def _worker_pid() -> int:
+    time.sleep(0.05)  # long enough that each of the first `workers` tasks starts a process of its own
+    return os.getpid()
 
 
 def _read_chunk(slot: int, start: int, size: int, uris: list[str], max_pixels: int) -> list:
@@ -103,20 +126,35 @@ class ProcessReaders:
     slot k is valid until the next batch read into slot k (as a `ReadArena` ring)."""
 
     def __init__(self, workers: int, slots: int, slot_bytes: int, threads: int = THREADS_PER_PROCESS) -> None:
-        self.workers, self.slot_bytes = workers, slot_bytes
-        # SharedMemory creates each slot (and its resource tracker removes it should this process die); the
-        # slots are used through mappings of their own, so that views handed out never block its close()
+        self.workers, self.slot_bytes, self.threads = workers, slot_bytes, threads
+        # SharedMemory creates each slot (its resource tracker removes it should this process die before the slot
+        # is unlinked below); the slots are used through mappings of their own, so views never block its close()
         _remove_orphaned_slots()
-        self._shm = [SharedMemory(name=f"{SLOT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}", create=True,
-                                  size=slot_bytes) for _ in range(slots)]
-        paths = [os.path.join(SHM_DIR, s.name) for s in self._shm]
-        for s in self._shm:
-            s.close()
-        self._views = [_map(path) for path in paths]
-        context = multiprocessing.get_context("forkserver")  # not fork: this process runs threads (and CUDA)
-        self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_attach,
-                                         initargs=(paths, threads))
-        weakref.finalize(self, _release, self._pool, self._shm)
+        shm = [SharedMemory(name=f"{SLOT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}", create=True, size=slot_bytes)
+               for _ in range(slots)]
+        paths = [os.path.join(SHM_DIR, s.name) for s in shm]
+        try:
+            for s in shm:
+                s.close()
+            self._views = [_map(path) for path in paths]
+            context = multiprocessing.get_context("forkserver")  # not fork: this process runs threads (and CUDA)
+            self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_attach,
+                                             initargs=(paths, threads, os.getpid()))
+            weakref.finalize(self, self._pool.shutdown, wait=True, cancel_futures=True)
+            self._start_all()
+        finally:
+            for s in shm:  # every process maps them now: the memory goes with the last of them, however it ends
+                s.unlink()
+
+    def _start_all(self) -> None:
+        """Start every worker process now, so that each has mapped the slots before they are unlinked (a pool
+        started lazily would start some later)."""
+        seen: set[int] = set()
+        for _ in range(20):
+            seen |= {f.result() for f in [self._pool.submit(_worker_pid) for _ in range(self.workers)]}
+            if len(seen) == self.workers:
+                return
+        raise RuntimeError(f"{len(seen)} of {self.workers} reader processes started")
 
     def load(self, uris: list[str], slot: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Blob | Failure]:
         """`load_blobs` for local files, in the worker processes; order follows `uris`."""
@@ -147,9 +185,3 @@ def _remove_orphaned_slots() -> None:
                 log.info("removed %s, left in %s by an a2k process that is gone", name, SHM_DIR)
         except (ValueError, PermissionError):  # not one of ours after all, or another user's live process
             continue
-
-
-def _release(pool: ProcessPoolExecutor, shm: list[SharedMemory]) -> None:
-    pool.shutdown(wait=True, cancel_futures=True)
-    for s in shm:
-        s.unlink()  # the mapping goes when the last view of it does

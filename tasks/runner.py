@@ -45,6 +45,11 @@ def make_task_runner(kind: TaskRunnerKind | str, dask_address: str | None, devic
             raise ValueError(f"dask_workers {dask_workers} starts a local cluster; with dask_address {dask_address!r} "
                              "the workers are the scheduler's: give one or the other")
         return DaskTaskRunner(address=dask_address)
+    # the cluster's worker processes may start processes of their own: a shard reads local files in worker
+    # processes (tasks.read_procs), which a daemonic process may not have; Dask makes them daemonic by default
+    import dask
+
+    dask.config.set({"distributed.worker.daemon": False})
     if device.is_cuda:
         try:
             import dask_cuda  # noqa: F401

@@ -30,6 +30,8 @@ def test_a_two_worker_dask_cluster_writes_the_same_rows_as_the_in_process_run(tw
     assert dask["task_runner"] == "dask" and local["task_runner"] == "local"
     assert (dask["listed"], dask["predicted"], dask["errors"], dask["processed_this_run"]) == (12, 12, 0, 12)
     assert dask["parts"] == local["parts"]  # same shards, same deterministic part names
+    # the cluster's workers are not daemonic, so they read local files in processes of their own, as in-process runs do
+    assert dask["reading"] == local["reading"] and all("reader process" in r for r in dask["reading"]), dask["reading"]
     a, b = _rows(tmp_path / "local"), _rows(tmp_path / "dask")
     assert b["image_uri"].is_unique and sorted(b["image_uri"]) == sorted(str(p) for p in twelve_photos.rglob("*.JPEG"))
     assert list(a["image_uri"]) == list(b["image_uri"]) and list(a["label"]) == list(b["label"])

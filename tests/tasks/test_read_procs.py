@@ -57,3 +57,36 @@ def test_slots_left_by_a_process_that_is_gone_are_removed(tmp_path, monkeypatch)
     monkeypatch.setattr(read_procs, "SHM_DIR", str(tmp_path))
     read_procs._remove_orphaned_slots()
     assert not orphan.exists() and alive.exists() and other.exists()
+
+
+def test_reader_processes_and_their_memory_go_when_the_owner_is_killed(tmp_path):
+    """A Dask worker process is ended without its exit handlers running; SIGKILL is the hardest case of that."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "from tasks.read_procs import ProcessReaders\n"
+         "r = ProcessReaders(workers=2, slots=2, slot_bytes=1 << 20)\n"
+         "print(' '.join(str(p.pid) for p in r._pool._processes.values()), flush=True)\n"
+         "import time; time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    readers = [int(p) for p in owner.stdout.readline().split()]
+    assert len(readers) == 2
+    assert not [n for n in os.listdir(read_procs.SHM_DIR) if n.startswith(f"{read_procs.SLOT_PREFIX}{owner.pid}-")]
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its parent to reap it is gone too
+            return f.read().split(") ")[-1][0] != "Z"
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in readers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in readers if alive(p)]
