@@ -67,7 +67,7 @@ def _rss_mb() -> float:
 
 def run_a2k_flow(images_dir: str, model_dir: str, output_root: str, batch_size: int | None, device: str,
                  hw_decoder_load: float, num_threads: int | None, gpu_memory_gb: float | None,
-                 shard_size: int | None) -> list[dict]:
+                 shard_size: int | None, task_runner: str = "local") -> list[dict]:
     """The real classify-images flow, files -> committed Parquet, on Prefect's ephemeral server: once cold (server
     start, CUDA, DALI, model load), then warm into a fresh output. images/s = listed / flow wall seconds."""
     import inspect
@@ -76,7 +76,7 @@ def run_a2k_flow(images_dir: str, model_dir: str, output_root: str, batch_size: 
 
     wanted = {"input": images_dir, "model": model_dir, "batch_size": batch_size, "device": device,
               "hw_decoder_load": hw_decoder_load, "num_threads": num_threads, "gpu_memory_gb": gpu_memory_gb,
-              "shard_size": shard_size}
+              "shard_size": shard_size, "task_runner": task_runner}
     accepted = inspect.signature(classify_images.fn).parameters
     kwargs = {k: v for k, v in wanted.items() if v is not None and k in accepted}
     rows = []
@@ -91,7 +91,7 @@ def run_a2k_flow(images_dir: str, model_dir: str, output_root: str, batch_size: 
         rows.append({
             "variant": run, "images": summary["listed"], "rows": summary.get("predicted"), "seconds": seconds,
             "rss_start_mb": round(rss.start_mb), "rss_peak_mb": round(rss.peak_mb),
-            "notes": f"{summary.get('device')}, shard images/s {summary.get('images_per_second')}, "
+            "notes": f"{summary.get('device')}, task runner {summary.get('task_runner')}, shard images/s {summary.get('images_per_second')}, "
                      f"stage seconds {summary.get('stage_seconds')}, errors {summary.get('errors')}",
         })
     return rows
@@ -306,20 +306,34 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
 
-def _ratios(rows: list[Row], model: str, load: float) -> str:
+def _ratios(rows: list[Row], model: str, load: float, gpus: int = 1) -> str:
     e2e = _find(rows, "3.", model, "warm")
     variants = ("DALI cpu", f"hw_decoder_load {load}")  # a model without its own decode row shares another's
     decode = next((r for r in rows if r.stage.startswith("1.") and r.rate and r.variant in variants and r.model == model),
                   None) or next((r for r in rows if r.stage.startswith("1.") and r.rate and r.variant in variants), None)
     model_ceiling = _find(rows, "2.", model)
     ceiling = min((r.rate for r in (decode, model_ceiling) if r), default=None)
+    if ceiling is not None:
+        ceiling *= gpus  # the ceilings are one card's; a Dask run spreads the shards over every card
     ray_runs = [r for r in rows if r.stage.startswith("6.") and r.model == model and r.rate]
     ray_best = max((r.rate for r in ray_runs), default=None)
     rate = lambda r: r.rate if r else None  # noqa: E731
     bound = "-" if not (decode and model_ceiling) else ("decode" if decode.rate <= model_ceiling.rate else "model")
+    bound += f" x {gpus} GPUs" if gpus > 1 else ""
     return (f"| {model} | {_fmt(rate(e2e))} | {_fmt(ceiling)} ({bound}) | {_ratio(rate(e2e), ceiling)} | "
             f"{_ratio(rate(e2e), rate(_find(rows, '4.', model)))} | {_ratio(rate(e2e), rate(_find(rows, '5.', model)))} | "
             f"{_ratio(rate(e2e), ray_best)} |")
+
+
+def visible_gpus() -> int:
+    """The cards a temporary dask-cuda cluster gives a worker each: CUDA_VISIBLE_DEVICES, else every card."""
+    if visible := os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return len([d for d in visible.split(",") if d.strip()])
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 1
+    return max(1, sum(line.startswith("GPU ") for line in listed.splitlines()))
 
 
 def render(rows: list[Row], args, data: dict, models: list[str], machine: str, command: str) -> str:
@@ -329,7 +343,7 @@ def render(rows: list[Row], args, data: dict, models: list[str], machine: str, c
         f"Data: {data['count']:,} files ({'hard links' if data['link'] else 'copies'} of {data['distinct']} distinct "
         f"images, mean {data['mean_kb']} kB, from `{data['source']}`) · models: {', '.join(models)} · batch "
         f"{args.batch_size} · hw_decoder_load {args.hw_decoder_load} · gpu_memory_gb {args.gpu_memory_gb or 'not capped'}"
-        f" · device {args.device}", "",
+        f" · device {args.device} · task runner {args.task_runner}", "",
         f"Command: `{command}`", "",
         "| stage | variant | model | images | seconds | images/s | peak RSS MiB | notes |",
         "|---|---|---|---|---|---|---|---|",
@@ -338,7 +352,8 @@ def render(rows: list[Row], args, data: dict, models: list[str], machine: str, c
     lines += ["", "Ratios (a2k's warm run; Ray Data: its best run; the decode ceiling at the configured load):", "",
               "| model | a2k images/s | min(decode, model ceiling) | a2k / ceiling | a2k / PIL DataLoader | "
               "a2k / naive | a2k / Ray Data |", "|---|---|---|---|---|---|---|"]
-    lines += [_ratios(rows, m, args.hw_decoder_load) for m in models]
+    gpus = visible_gpus() if args.task_runner == "dask" else 1
+    lines += [_ratios(rows, m, args.hw_decoder_load, gpus) for m in models]
     for m in models:
         runs = [r for r in rows if r.stage.startswith("3.") and r.model == m and r.rate]
         if runs:
@@ -368,6 +383,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hw-decoder-load", type=float, default=0.65)
     p.add_argument("--gpu-memory-gb", type=float, default=None, help="cap every GPU stage, e.g. 6 for an A2000")
     p.add_argument("--ray-runs", type=int, default=2)
+    p.add_argument("--task-runner", choices=["local", "dask"], default="local",
+                   help="a2k's shard tasks in process, or on a temporary Dask cluster: one worker per GPU with "
+                        "dask-cuda (the multi-GPU run; the a2k ratio is then against the ceiling times the GPUs)")
     p.add_argument("--stages", nargs="+", default=None, help="a subset of the stages (default: all)",
                    choices=["decode_ceiling", "model_ceiling", "a2k", "pil_dataloader", "naive", "ray_data"])
     p.add_argument("--stage-timeout", type=float, default=1800)
@@ -408,7 +426,7 @@ def _plan(args, images: str, models: list[tuple[str, str]]) -> list[tuple[str, s
             ("a2k", "3. a2k classify-images end to end", label, {
                 "images_dir": images, "model_dir": mdir, "output_root": str(out / f"a2k-{label}"),
                 "hw_decoder_load": args.hw_decoder_load, "num_threads": args.num_threads,
-                "shard_size": args.shard_size, **common,
+                "shard_size": args.shard_size, "task_runner": args.task_runner, **common,
                 **({"batch_size": None} if args.a2k_auto_batch else {})}),
             ("pil_dataloader", "4. PIL + DataLoader baseline", label,
              {"images_dir": images, "model_dir": mdir, "output": str(out / f"pil-{label}"), **common}),
