@@ -158,7 +158,7 @@ class ShardClassifier:
         if workers < 1:
             return None, threads
         slot_bytes = max(MIN_SLOT_BYTES, self.batch_size * SLOT_BYTES_PER_IMAGE)
-        if why_not := read_processes_available(ARENAS, slot_bytes):
+        if why_not := read_processes_available():
             log.info("local files are read in threads: %s", why_not)
             return None, f"{threads} ({why_not})"
         readers = ProcessReaders(workers, ARENAS, slot_bytes)

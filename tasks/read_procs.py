@@ -1,27 +1,22 @@
-"""Read and header-check local files in worker processes, into shared memory. In threads, the reads and the
+"""Read and header-check local files in worker processes, into shared memory (anonymous memory files). In threads, the reads and the
 marker walks held the GIL that the decode and model threads of a shard also need (bench/NOTES.md, variant 8);
 in processes they hold none of it, and what comes back per file is an offset, a length and a verdict."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import mmap
 import multiprocessing
 import os
 import threading
 import time
-import uuid
 import weakref
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from multiprocessing.shared_memory import SharedMemory
 
 from tasks.read import DEFAULT_MAX_PIXELS, Blob, Failure, checked_blob, read_image
 
 log = logging.getLogger(__name__)
 
-SHM_DIR = "/dev/shm"
-SLOT_PREFIX = "a2k-read-"  # then the owning process id: orphans are found by it
 MIN_SLOT_BYTES = 64 << 20
 SLOT_BYTES_PER_IMAGE = 512 << 10  # room for photos ~5x the ImageNet mean (~110 kB); larger files come back as bytes
 # Reads in flight in each process: files not in the page cache wait on the disk, and one read at a time leaves it
@@ -30,21 +25,31 @@ THREADS_PER_PROCESS = 4
 OWNER_CHECK_SECONDS = 0.5  # how often a reader process checks that the process it reads for is alive
 
 
-def read_processes_available(slots: int, slot_bytes: int) -> str | None:
-    """Why worker processes cannot read here (None when they can): they need a shared-memory filesystem with
-    room for the slots, and a process that may have children (Dask's worker processes are daemons)."""
+def read_processes_available() -> str | None:
+    """Why worker processes cannot read here (None when they can): they need anonymous shared memory that other
+    processes can open (Linux's memfd_create and /proc), and a process that may have children (Dask's worker
+    processes are daemons unless told otherwise)."""
     if multiprocessing.current_process().daemon:
         return ("this is a daemonic process, which may not start processes (a Dask worker: start the workers with "
                 "DASK_DISTRIBUTED__WORKER__DAEMON=False)")
+    if not hasattr(os, "memfd_create"):
+        return "this system has no memfd_create (Linux only)"
     try:
-        st = os.statvfs(SHM_DIR)
+        fd = os.memfd_create("a2k-read-probe", os.MFD_CLOEXEC)
     except OSError as e:
-        return f"no shared-memory filesystem at {SHM_DIR} ({e.strerror})"
-    free = st.f_bavail * st.f_frsize
-    if free < 2 * slots * slot_bytes:  # containers often get a 64 MB /dev/shm: filling it would kill the process
-        return (f"{SHM_DIR} has {free / 2**20:.0f} MiB free, under twice the {slots * slot_bytes / 2**20:.0f} MiB "
-                f"the read slots take (Docker: --shm-size)")
-    return None
+        return f"memfd_create failed ({e.strerror})"
+    try:
+        with open(_slot_path(fd), "rb"):
+            return None
+    except OSError as e:
+        return f"{_slot_path(fd)} cannot be opened ({e.strerror}): is /proc mounted?"
+    finally:
+        os.close(fd)
+
+
+def _slot_path(fd: int) -> str:
+    """Where another process of this user opens this process's memfd `fd`."""
+    return f"/proc/{os.getpid()}/fd/{fd}"
 
 
 class _Region:
@@ -70,10 +75,8 @@ def _map(path: str) -> memoryview:
 
 
 def _attach(paths: list[str], threads: int, owner: int) -> None:
-    """Map the slots by path, not through SharedMemory: attaching that way registers each with the resource
-    tracker, which would remove them when this worker exits (the owner creates and unlinks them). Then exit
-    when the owner does: a Dask worker process is ended without running its exit handlers, and its readers
-    would be left behind."""
+    """Map the owner's slots, start the reader threads, and exit when the owner does: a Dask worker process is
+    ended without running its exit handlers, and its readers would be left behind."""
     _SLOTS.extend(_map(path) for path in paths)
     _THREADS.append((ThreadPoolExecutor(threads, thread_name_prefix="a2k-read"), threads))
     threading.Thread(target=_exit_with, args=(owner,), name="a2k-read-owner", daemon=True).start()
@@ -127,28 +130,25 @@ class ProcessReaders:
 
     def __init__(self, workers: int, slots: int, slot_bytes: int, threads: int = THREADS_PER_PROCESS) -> None:
         self.workers, self.slot_bytes, self.threads = workers, slot_bytes, threads
-        # SharedMemory creates each slot (its resource tracker removes it should this process die before the slot
-        # is unlinked below); the slots are used through mappings of their own, so views never block its close()
-        _remove_orphaned_slots()
-        shm = [SharedMemory(name=f"{SLOT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}", create=True, size=slot_bytes)
-               for _ in range(slots)]
-        paths = [os.path.join(SHM_DIR, s.name) for s in shm]
+        # each slot is an anonymous memory file (memfd): it has no name to leave behind, and its memory goes with
+        # the last process that maps it, however the processes end; readers open it through /proc
+        fds = [os.memfd_create(f"a2k-read-slot-{k}", os.MFD_CLOEXEC) for k in range(slots)]
         try:
-            for s in shm:
-                s.close()
-            self._views = [_map(path) for path in paths]
+            for fd in fds:
+                os.ftruncate(fd, slot_bytes)  # sparse: a page takes memory once a file is read into it
+            self._views = [memoryview(mmap.mmap(fd, slot_bytes)) for fd in fds]
             context = multiprocessing.get_context("forkserver")  # not fork: this process runs threads (and CUDA)
             self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_attach,
-                                             initargs=(paths, threads, os.getpid()))
+                                             initargs=([_slot_path(fd) for fd in fds], threads, os.getpid()))
             weakref.finalize(self, self._pool.shutdown, wait=True, cancel_futures=True)
             self._start_all()
         finally:
-            for s in shm:  # every process maps them now: the memory goes with the last of them, however it ends
-                s.unlink()
+            for fd in fds:  # every process maps the slots now
+                os.close(fd)
 
     def _start_all(self) -> None:
-        """Start every worker process now, so that each has mapped the slots before they are unlinked (a pool
-        started lazily would start some later)."""
+        """Start every worker process now, so that each has mapped the slots before this process closes their
+        files (a pool started lazily would start some later)."""
         seen: set[int] = set()
         for _ in range(20):
             seen |= {f.result() for f in [self._pool.submit(_worker_pid) for _ in range(self.workers)]}
@@ -169,19 +169,3 @@ class ProcessReaders:
             for item in future.result():
                 out.append(Blob(view[item[0] : item[0] + item[1]], item[2]) if isinstance(item, tuple) else item)
         return out
-
-
-def _remove_orphaned_slots() -> None:
-    """Remove the slots of a2k processes that are gone. A process killed with its whole group (its resource
-    tracker too, as a kill -9 of a job's process group does) leaves them in memory until the machine restarts."""
-    for name in os.listdir(SHM_DIR):
-        if not name.startswith(SLOT_PREFIX):
-            continue
-        try:
-            os.kill(int(name[len(SLOT_PREFIX):].split("-")[0]), 0)
-        except ProcessLookupError:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(SHM_DIR, name))
-                log.info("removed %s, left in %s by an a2k process that is gone", name, SHM_DIR)
-        except (ValueError, PermissionError):  # not one of ours after all, or another user's live process
-            continue

@@ -3,7 +3,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tasks import read_procs
 from tasks.read import Blob, Failure, load_blobs
 from tasks.read_procs import ProcessReaders, read_processes_available
 from tests.conftest import ODD_IMAGES, photo_paths
@@ -39,28 +38,14 @@ def test_worker_processes_read_and_check_as_threads_do(mixed_files):
 
 
 def test_reader_processes_say_why_they_cannot_run(monkeypatch):
-    assert read_processes_available(slots=2, slot_bytes=1 << 20) is None
-    monkeypatch.setattr(read_procs, "SHM_DIR", "/nonexistent-shm")
-    assert "no shared-memory filesystem at /nonexistent-shm" in read_processes_available(2, 1 << 20)
-
-
-def test_slots_left_by_a_process_that_is_gone_are_removed(tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = tmp_path / f"{read_procs.SLOT_PREFIX}{int(gone.stdout)}-abc"
-    alive = tmp_path / f"{read_procs.SLOT_PREFIX}{os.getpid()}-abc"
-    other = tmp_path / "psm_not_ours"
-    for f in (orphan, alive, other):
-        f.write_bytes(b"x")
-    monkeypatch.setattr(read_procs, "SHM_DIR", str(tmp_path))
-    read_procs._remove_orphaned_slots()
-    assert not orphan.exists() and alive.exists() and other.exists()
+    assert read_processes_available() is None
+    monkeypatch.delattr(os, "memfd_create")
+    assert read_processes_available() == "this system has no memfd_create (Linux only)"
 
 
 def test_reader_processes_and_their_memory_go_when_the_owner_is_killed(tmp_path):
-    """A Dask worker process is ended without its exit handlers running; SIGKILL is the hardest case of that."""
+    """A Dask worker process is ended without its exit handlers running; SIGKILL is the hardest case of that. The
+    slots are anonymous memory files: once the readers are gone, nothing maps them and nothing names them."""
     import signal
     import subprocess
     import sys
@@ -74,7 +59,6 @@ def test_reader_processes_and_their_memory_go_when_the_owner_is_killed(tmp_path)
         stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     readers = [int(p) for p in owner.stdout.readline().split()]
     assert len(readers) == 2
-    assert not [n for n in os.listdir(read_procs.SHM_DIR) if n.startswith(f"{read_procs.SLOT_PREFIX}{owner.pid}-")]
     owner.send_signal(signal.SIGKILL)
     owner.wait()
 
