@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.read import ReadArena, load_blobs  # noqa: E402
-from tasks.read_procs import ProcessReaders  # noqa: E402
+from tasks.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders  # noqa: E402
 
 
 def drop_from_cache(paths: list[str]) -> None:
@@ -57,7 +57,7 @@ def main() -> None:
             load_blobs(b, pool, arena=arena)
     for n in args.processes:
         for t in args.threads_per_process:
-            procs = ProcessReaders(n, slots=2, slot_bytes=max(64 << 20, args.batch_size * (512 << 10)), threads=t)
+            procs = ProcessReaders(n, slots=2, slot_bytes=max(MIN_SLOT_BYTES, args.batch_size * SLOT_BYTES_PER_IMAGE), threads=t)
             readers[f"{n} reader processes x {t} threads"] = lambda b, k, procs=procs: procs.load(b, k % 2)
 
     print(f"{len(files)} files, {mb:.1f} MB, batches of {args.batch_size}; median of {args.repeat} passes; "

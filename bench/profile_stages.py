@@ -169,16 +169,19 @@ def main() -> None:
                 list(worker.decoder.decode_stream([blobs] * args.shard_batches, STREAM_DEPTH))
             torch.cuda.synchronize()
 
+        def model_step() -> None:
+            worker.classifier.top_k(images, 5)
+
         rows[f"DALI decode streamed alone (shard's decoder, depth {STREAM_DEPTH})"] = \
             timed(decode_shard, 1) / args.shard_batches
-        sec, model_sec = beside(decode_shard, lambda: worker.classifier.top_k(images, 5))
+        sec, model_sec = beside(decode_shard, model_step)
         rows["DALI decode streamed, the model looping beside it"] = sec / args.shard_batches
         rows["model top-k, while the decode stream runs beside it"] = model_sec
         model_stream = torch.cuda.Stream()
 
         def top_k_on_own_stream() -> None:
             with torch.cuda.stream(model_stream):
-                worker.classifier.top_k(images, 5)
+                model_step()
 
         sec, model_sec = beside(decode_shard, top_k_on_own_stream)
         rows["DALI decode streamed, the model looping beside it on a stream of its own"] = sec / args.shard_batches
@@ -188,7 +191,7 @@ def main() -> None:
             timelines["decode stream alone"] = gpu_timeline(decode_shard, args.trace_dir / "decode-alone.json.gz")
             path = args.trace_dir / "decode-beside-model.json.gz"  # traced once the model's loop is running
             beside(lambda: timelines.update({"decode stream, the model beside it": gpu_timeline(decode_shard, path)}),
-                   lambda: worker.classifier.top_k(images, 5))
+                   model_step)
     ctx = RunContext("m", "1", "x" * 64, "run", 5)
     shard = (files * (args.shard_batches * n // len(files) + 1))[: args.shard_batches * n]
     if args.trace_dir and worker.decode_stream is not None:

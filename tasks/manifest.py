@@ -74,7 +74,7 @@ def _walk_folders(root: str) -> Iterator[tuple[list, list, list, list]]:
     while stack:
         folder, depth = stack.pop()
         files, subfolders = _list_folder(folder, depth)
-        stack += [(sub, depth + 1) for sub in reversed(subfolders)]
+        stack += [(sub, depth + 1) for sub in subfolders]  # any order: the manifest is sorted at the end
         if files[0]:
             yield files
 

@@ -1,6 +1,7 @@
-"""Read and header-check local files in worker processes, into shared memory (anonymous memory files). In threads, the reads and the
-marker walks held the GIL that the decode and model threads of a shard also need (bench/NOTES.md, variant 8);
-in processes they hold none of it, and what comes back per file is an offset, a length and a verdict."""
+"""Read and header-check local files in worker processes, into shared memory (anonymous memory files). In
+threads, the reads and the marker walks held the GIL that the decode and model threads of a shard also need
+(bench/NOTES.md, variant 8); in processes they hold none of it, and what comes back per file is an offset, a
+length and a verdict."""
 
 from __future__ import annotations
 
@@ -87,9 +88,7 @@ def _exit_with(owner: int) -> None:
         time.sleep(OWNER_CHECK_SECONDS)
         try:
             os.kill(owner, 0)
-        except ProcessLookupError:
-            os._exit(0)
-        except PermissionError:  # the owner's pid now belongs to another user's process: the owner is gone
+        except (ProcessLookupError, PermissionError):  # gone (or its pid is another user's process now)
             os._exit(0)
 
 
