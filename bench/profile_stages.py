@@ -89,6 +89,13 @@ def summarize_timeline(events: list[dict]) -> list[str]:
     span = max(e["ts"] + e["dur"] for e in work) - min(e["ts"] for e in work)
     lines = [f"span {span / 1e3:.1f} ms: kernels busy {busy / 1e3:.1f} ms ({busy / span:.0%}), under two or more "
              f"kernels at once {overlap / 1e3:.1f} ms"]
+    calls: dict = {}  # host-side CUDA calls by name and thread: a synchronization shows up as a long one
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            n, total = calls.get((e["name"], e.get("tid")), (0, 0.0))
+            calls[(e["name"], e.get("tid"))] = (n + 1, total + e["dur"])
+    for (name, tid), (n, total) in sorted(calls.items(), key=lambda kv: -kv[1][1])[:8]:
+        lines.append(f"host call {name} on thread {tid}: {n} calls, {total / 1e3:.1f} ms")
     streams: dict = {}
     for e in work:
         key = (e.get("args", {}).get("stream"), e["cat"])
@@ -114,6 +121,8 @@ def main() -> None:
     p.add_argument("--shard-batches", type=int, default=16, help="batches in the timed ShardClassifier.run")
     p.add_argument("--shard-readers", type=int, nargs="*", default=[1, 2], help="reader threads to run the shard with")
     p.add_argument("--stream-depths", type=int, nargs="+", default=[2, 3], help="decode_stream depths to compare")
+    p.add_argument("--model-sms", type=int, nargs="*", default=[], help="also run the model beside the decode "
+                   "stream on a green context of this many SMs (torch.cuda.green_contexts), each count in turn")
     p.add_argument("--trace-dir", type=Path, help="write GPU timelines of the decode stream alone, beside the "
                    "model, and of a shard run there (Chrome traces, gzipped) and print their summaries")
     args = p.parse_args()
@@ -186,6 +195,30 @@ def main() -> None:
         sec, model_sec = beside(decode_shard, top_k_on_own_stream)
         rows["DALI decode streamed, the model looping beside it on a stream of its own"] = sec / args.shard_batches
         rows["model top-k on a stream of its own, while the decode stream runs beside it"] = model_sec
+        for sms in args.model_sms:  # the model kept off some SMs, which are then always free for DALI's kernels
+            from torch.cuda.green_contexts import GreenContext
+
+            try:
+                green_ctx = GreenContext.create(num_sms=sms)  # kept: the stream dies with it
+                green = green_ctx.Stream()
+            except (RuntimeError, TypeError) as e:  # driver or cuda.bindings too old, or a count the card cannot split
+                rows[f"model on {sms} SMs: no green context ({e})"] = float("nan")
+                continue
+
+            def model_on_green() -> None:
+                with torch.cuda.stream(green):
+                    model_step()
+
+            rows[f"model top-k on {sms} SMs (green context), alone"] = timed(model_on_green, args.repeat)
+            sec, model_sec = beside(decode_shard, model_on_green)
+            rows[f"DALI decode streamed, the model on {sms} SMs beside it"] = sec / args.shard_batches
+            rows[f"model top-k on {sms} SMs, while the decode stream runs beside it"] = model_sec
+            if args.trace_dir and sms == args.model_sms[-1]:
+                args.trace_dir.mkdir(parents=True, exist_ok=True)
+                path = args.trace_dir / f"decode-beside-model-{sms}-sms.json.gz"
+                beside(lambda: timelines.update(
+                    {f"decode stream, the model on {sms} SMs beside it": gpu_timeline(decode_shard, path)}),
+                    model_on_green)
         if args.trace_dir:
             args.trace_dir.mkdir(parents=True, exist_ok=True)
             timelines["decode stream alone"] = gpu_timeline(decode_shard, args.trace_dir / "decode-alone.json.gz")

@@ -2,7 +2,7 @@
 
 The stages overlap: reader threads fetch and header-check batches ahead, a decode thread streams them through
 DALI with a batch queued behind the one it decodes (on its own CUDA stream), and the calling thread runs the
-model on the batch before and builds its Arrow rows.
+model on the batch before (on another stream) and builds its Arrow rows.
 """
 
 from __future__ import annotations
@@ -145,6 +145,8 @@ class ShardClassifier:
         self.read_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-read-batch")
         self.decode_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-decode")
         self.decode_stream = torch.cuda.Stream(self.device.torch_device) if self.device.is_cuda else None
+        # not the legacy default stream: DALI's streams wait for all of that one's work, and it for theirs
+        self.model_stream = torch.cuda.Stream(self.device.torch_device) if self.device.is_cuda else None
         self.arenas = [ReadArena() for _ in range(ARENAS)]
         threads = f"{local_readers} reader thread{'s' if local_readers > 1 else ''}"
         self.process_readers, self.reading = self._start_read_processes(
@@ -182,23 +184,24 @@ class ShardClassifier:
         stop = threading.Event()
         stage = self.decode_stage.submit(self._decode_all, uris, batches, max_pixels, decoded, stop, timing)
         try:
-            for _ in batches:
-                t0 = time.perf_counter()
-                batch = decoded.get()
-                timing.model_for_decode += time.perf_counter() - t0
-                if isinstance(batch, BaseException):
-                    raise batch
-                err_rows += [(uris[i], f) for i, f in batch.failures]
-                if batch.images is None:
-                    continue
-                if batch.ready is not None:
-                    torch.cuda.current_stream(self.device.torch_device).wait_event(batch.ready)
-                    batch.images.record_stream(torch.cuda.current_stream(self.device.torch_device))
-                scores, indices = self.classifier.top_k(batch.images, ctx.top_k)
-                pred_batches.append(_prediction_batch(
-                    [uris[i] for i in batch.rows], [true_labels[i] for i in batch.rows], scores, indices,
-                    self.classifier.class_names, ctx,
-                ))
+            with torch.cuda.stream(self.model_stream):  # no stream (CPU): no-op
+                for _ in batches:
+                    t0 = time.perf_counter()
+                    batch = decoded.get()
+                    timing.model_for_decode += time.perf_counter() - t0
+                    if isinstance(batch, BaseException):
+                        raise batch
+                    err_rows += [(uris[i], f) for i, f in batch.failures]
+                    if batch.images is None:
+                        continue
+                    if batch.ready is not None:
+                        self.model_stream.wait_event(batch.ready)
+                        batch.images.record_stream(self.model_stream)
+                    scores, indices = self.classifier.top_k(batch.images, ctx.top_k)
+                    pred_batches.append(_prediction_batch(
+                        [uris[i] for i in batch.rows], [true_labels[i] for i in batch.rows], scores, indices,
+                        self.classifier.class_names, ctx,
+                    ))
         finally:  # a failed stage: the decode stage stops before the next shard reuses the decoder
             stop.set()
             stage.exception()

@@ -1,6 +1,9 @@
 """The model stage: the CUDA-graph forward pass gives the eager model's answers (run with -m gpu)."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,3 +57,14 @@ def test_a_model_that_cannot_be_captured_runs_eagerly_and_says_so(seed_model_dir
     assert "runs eagerly" in caplog.text and classifier.graph is None
     x = torch.randn(8, *classifier.entry.preprocessing.input_shape, device="cuda").half()
     assert classifier.probabilities(x.contiguous(memory_format=torch.channels_last)).shape == (8, 2)
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "32"), ("4", "4")])
+def test_importing_a2k_gives_cuda_32_hardware_queues_unless_the_user_chose(preset, expected):
+    """Eight queues (the driver's default) make DALI's streams and the model's wait on each other."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+    if preset is not None:
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = preset
+    out = subprocess.run([sys.executable, "-c", "import os, a2k; print(os.environ['CUDA_DEVICE_MAX_CONNECTIONS'])"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
