@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 import mmap
 import multiprocessing
+import multiprocessing.util
 import os
 import threading
 import time
-import weakref
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from tasks.read import DEFAULT_MAX_PIXELS, Blob, Failure, checked_blob, read_image
@@ -139,7 +139,14 @@ class ProcessReaders:
             context = multiprocessing.get_context("forkserver")  # not fork: this process runs threads (and CUDA)
             self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_attach,
                                              initargs=([_slot_path(fd) for fd in fds], threads, os.getpid()))
-            weakref.finalize(self, self._pool.shutdown, wait=True, cancel_futures=True)
+            # multiprocessing's Finalize, not weakref's: a process ending through multiprocessing (a Dask worker,
+            # spawned by its nanny) joins its non-daemonic children before the interpreter's own exit handlers run,
+            # and would wait on idle readers that nobody told to stop (Dask then kills it after 4 s, and on a GPU
+            # the kill outlasts the cluster's close timeout: the flow run failed). Finalizers of priority >= 0 run
+            # before that join, highest first; above 10, where the pool's queue stops its feeder thread, or the
+            # stop signals would never reach the readers
+            multiprocessing.util.Finalize(self, self._pool.shutdown, kwargs={"wait": True, "cancel_futures": True},
+                                          exitpriority=20)
             self._start_all()
         finally:
             for fd in fds:  # every process maps the slots now
