@@ -57,7 +57,8 @@ def main() -> None:
             load_blobs(b, pool, arena=arena)
     for n in args.processes:
         for t in args.threads_per_process:
-            procs = ProcessReaders(n, slots=2, slot_bytes=max(MIN_SLOT_BYTES, args.batch_size * SLOT_BYTES_PER_IMAGE), threads=t)
+            procs = ProcessReaders(n, slots=2, slot_bytes=max(MIN_SLOT_BYTES, args.batch_size * SLOT_BYTES_PER_IMAGE),
+                                   threads=t)
             readers[f"{n} reader processes x {t} threads"] = lambda b, k, procs=procs: procs.load(b, k % 2)
 
     print(f"{len(files)} files, {mb:.1f} MB, batches of {args.batch_size}; median of {args.repeat} passes; "

@@ -181,18 +181,18 @@ def main() -> None:
         def model_step() -> None:
             worker.classifier.top_k(images, 5)
 
+        def model_step_on(stream):
+            def step() -> None:
+                with torch.cuda.stream(stream):
+                    model_step()
+            return step
+
         rows[f"DALI decode streamed alone (shard's decoder, depth {STREAM_DEPTH})"] = \
             timed(decode_shard, 1) / args.shard_batches
         sec, model_sec = beside(decode_shard, model_step)
         rows["DALI decode streamed, the model looping beside it"] = sec / args.shard_batches
         rows["model top-k, while the decode stream runs beside it"] = model_sec
-        model_stream = torch.cuda.Stream()
-
-        def top_k_on_own_stream() -> None:
-            with torch.cuda.stream(model_stream):
-                model_step()
-
-        sec, model_sec = beside(decode_shard, top_k_on_own_stream)
+        sec, model_sec = beside(decode_shard, model_step_on(torch.cuda.Stream()))
         rows["DALI decode streamed, the model looping beside it on a stream of its own"] = sec / args.shard_batches
         rows["model top-k on a stream of its own, while the decode stream runs beside it"] = model_sec
         for sms in args.model_sms:  # the model kept off some SMs, which are then always free for DALI's kernels
@@ -200,14 +200,10 @@ def main() -> None:
 
             try:
                 green_ctx = GreenContext.create(num_sms=sms)  # kept: the stream dies with it
-                green = green_ctx.Stream()
+                model_on_green = model_step_on(green_ctx.Stream())
             except (RuntimeError, TypeError) as e:  # driver or cuda.bindings too old, or a count the card cannot split
                 rows[f"model on {sms} SMs: no green context ({e})"] = float("nan")
                 continue
-
-            def model_on_green() -> None:
-                with torch.cuda.stream(green):
-                    model_step()
 
             rows[f"model top-k on {sms} SMs (green context), alone"] = timed(model_on_green, args.repeat)
             sec, model_sec = beside(decode_shard, model_on_green)

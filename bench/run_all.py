@@ -91,8 +91,8 @@ def run_a2k_flow(images_dir: str, model_dir: str, output_root: str, batch_size: 
         rows.append({
             "variant": run, "images": summary["listed"], "rows": summary.get("predicted"), "seconds": seconds,
             "rss_start_mb": round(rss.start_mb), "rss_peak_mb": round(rss.peak_mb),
-            "notes": f"{summary.get('device')}, task runner {summary.get('task_runner')}, shard images/s {summary.get('images_per_second')}, "
-                     f"stage seconds {summary.get('stage_seconds')}, errors {summary.get('errors')}",
+            "notes": f"{summary.get('device')}, task runner {summary.get('task_runner')}, "
+                     f"shard images/s {summary.get('images_per_second')}, stage seconds {summary.get('stage_seconds')}, errors {summary.get('errors')}",
         })
     return rows
 

@@ -252,11 +252,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 def shard_table(plan: RunPlan, outcomes: list[ShardOutcome]) -> list[dict[str, Any]]:
     """One row per shard of this run, for the table artifact."""
     by_index = {o.index: o for o in outcomes}
-    return [
-        {"shard": p.shard.index, "part": by_index[p.shard.index].part, "images": p.shard.size,
-         "predicted": by_index[p.shard.index].predicted, "errors": by_index[p.shard.index].errors,
-         "seconds": round(by_index[p.shard.index].decode_infer_seconds + by_index[p.shard.index].write_seconds, 3),
-         "resumed": by_index[p.shard.index].resumed, "waits": by_index[p.shard.index].waits,
-         "reading": by_index[p.shard.index].reading}
-        for p in plan.shards
-    ]
+    rows = []
+    for p in plan.shards:
+        o = by_index[p.shard.index]
+        rows.append({"shard": p.shard.index, "part": o.part, "images": p.shard.size, "predicted": o.predicted,
+                     "errors": o.errors, "seconds": round(o.decode_infer_seconds + o.write_seconds, 3),
+                     "resumed": o.resumed, "waits": o.waits, "reading": o.reading})
+    return rows

@@ -6,8 +6,8 @@ A source is a local folder, an object-store prefix (`s3://bucket/prefix`) or a P
 from __future__ import annotations
 
 import hashlib
-import os
 import logging
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass

@@ -76,8 +76,8 @@ def _map(path: str) -> memoryview:
 
 
 def _attach(paths: list[str], threads: int, owner: int) -> None:
-    """Map the owner's slots, start the reader threads, and exit when the owner does: a Dask worker process is
-    ended without running its exit handlers, and its readers would be left behind."""
+    """Map the owner's slots, start the reader threads, and exit when the owner does, however it ends: a
+    SIGKILL (or Dask killing a worker that did not stop in time) runs no exit handler that would stop them."""
     _SLOTS.extend(_map(path) for path in paths)
     _THREADS.append((ThreadPoolExecutor(threads, thread_name_prefix="a2k-read"), threads))
     threading.Thread(target=_exit_with, args=(owner,), name="a2k-read-owner", daemon=True).start()
