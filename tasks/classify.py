@@ -2,7 +2,9 @@
 
 The stages overlap: reader threads fetch and header-check batches ahead, a decode thread streams them through
 DALI with a batch queued behind the one it decodes (on its own CUDA stream), and the calling thread runs the
-model on the batch before (on another stream) and builds its Arrow rows.
+model on the batch before (on another stream) and builds its Arrow rows. Shards given from two threads overlap
+too: the next shard's reads and decoding start as soon as the shard before has left the decode stage, while the
+model finishes that shard's last batches.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import queue
@@ -98,6 +101,7 @@ class ShardTiming:
     waiting for decode means decoding (or reading) bounds the run; decode waiting for the model means the
     model does."""
 
+    started: float = 0.0  # perf_counter() when the shard's decode stage began
     seconds: float = 0.0
     model_for_decode: float = 0.0
     decode_for_reads: float = 0.0
@@ -151,7 +155,12 @@ class ShardClassifier:
         threads = f"{local_readers} reader thread{'s' if local_readers > 1 else ''}"
         self.process_readers, self.reading = self._start_read_processes(
             default_read_processes() if read_processes is None else read_processes, threads)
-        self._busy = threading.Lock()
+        # shards given from several threads take tickets: the decode stage (one thread) runs them in ticket order,
+        # and so does the model, one shard at a time (the CUDA graph has one input buffer)
+        self._tickets = itertools.count()
+        self._admit = threading.Lock()
+        self._model_turn = threading.Condition()
+        self._serving = 0
 
     def _start_read_processes(self, workers: int, threads: str) -> tuple[ProcessReaders | None, str]:
         """Reader processes for local files, or None (threads read them) where they cannot run; and how local
@@ -169,39 +178,28 @@ class ShardClassifier:
     def run(
         self, uris: list[str], true_labels: list[str | None], ctx: RunContext, max_pixels: int = DEFAULT_MAX_PIXELS
     ) -> tuple[pa.Table, pa.Table, ShardTiming]:
-        """Predictions and errors for `uris` (every uri lands in exactly one), and the time spent (not counting
-        the wait for a shard another thread is running: one shard at a time uses the decoder and the card)."""
-        with self._busy:
-            return self._run(uris, true_labels, ctx, max_pixels)
+        """Predictions and errors for `uris` (every uri lands in exactly one), and the time spent from the start
+        of the shard's decode stage (not counting the wait for shards given before it).
 
-    def _run(self, uris: list[str], true_labels: list[str | None], ctx: RunContext, max_pixels: int):
-        start = time.perf_counter()
+        Thread-safe: shards given from several threads are served in the order they came, and overlap where the
+        stages allow it: a shard's reads and decoding start when the shard before it has been decoded, while the
+        model still runs on that shard's last batches."""
         timing = ShardTiming()
-        pred_batches: list[pa.RecordBatch] = []
-        err_rows: list[tuple[str, Failure]] = []
         batches = [list(range(i, min(i + self.batch_size, len(uris)))) for i in range(0, len(uris), self.batch_size)]
         decoded: queue.Queue[_Decoded | BaseException] = queue.Queue(maxsize=DECODE_AHEAD)
         stop = threading.Event()
-        stage = self.decode_stage.submit(self._decode_all, uris, batches, max_pixels, decoded, stop, timing)
+        with self._admit:  # the ticket and the place in the decode stage's queue agree
+            ticket = next(self._tickets)
+            stage = self.decode_stage.submit(self._decode_all, uris, batches, max_pixels, decoded, stop, timing)
         try:
-            with torch.cuda.stream(self.model_stream):  # no stream (CPU): no-op
-                for _ in batches:
-                    t0 = time.perf_counter()
-                    batch = decoded.get()
-                    timing.model_for_decode += time.perf_counter() - t0
-                    if isinstance(batch, BaseException):
-                        raise batch
-                    err_rows += [(uris[i], f) for i, f in batch.failures]
-                    if batch.images is None:
-                        continue
-                    if batch.ready is not None:
-                        self.model_stream.wait_event(batch.ready)
-                        batch.images.record_stream(self.model_stream)
-                    scores, indices = self.classifier.top_k(batch.images, ctx.top_k)
-                    pred_batches.append(_prediction_batch(
-                        [uris[i] for i in batch.rows], [true_labels[i] for i in batch.rows], scores, indices,
-                        self.classifier.class_names, ctx,
-                    ))
+            with self._model_turn:
+                self._model_turn.wait_for(lambda: self._serving == ticket)
+            try:
+                pred_batches, err_rows = self._predict(uris, true_labels, ctx, batches, decoded, timing)
+            finally:
+                with self._model_turn:
+                    self._serving += 1
+                    self._model_turn.notify_all()
         finally:  # a failed stage: the decode stage stops before the next shard reuses the decoder
             stop.set()
             stage.exception()
@@ -211,13 +209,39 @@ class ShardClassifier:
             raise RuntimeError(
                 f"{len(uris)} images in, {predictions.num_rows} predicted + {errors.num_rows} errors out: rows were lost"
             )
-        timing.seconds = time.perf_counter() - start
+        timing.seconds = time.perf_counter() - timing.started
         return predictions, errors, timing
+
+    def _predict(self, uris: list[str], true_labels: list[str | None], ctx: RunContext, batches: list[list[int]],
+                 decoded: queue.Queue[_Decoded | BaseException], timing: ShardTiming):
+        """The model stage: each decoded batch's top k, as Arrow rows, and the failures the stages before found."""
+        pred_batches: list[pa.RecordBatch] = []
+        err_rows: list[tuple[str, Failure]] = []
+        with torch.cuda.stream(self.model_stream):  # no stream (CPU): no-op
+            for _ in batches:
+                t0 = time.perf_counter()
+                batch = decoded.get()
+                timing.model_for_decode += time.perf_counter() - t0
+                if isinstance(batch, BaseException):
+                    raise batch
+                err_rows += [(uris[i], f) for i, f in batch.failures]
+                if batch.images is None:
+                    continue
+                if batch.ready is not None:
+                    self.model_stream.wait_event(batch.ready)
+                    batch.images.record_stream(self.model_stream)
+                scores, indices = self.classifier.top_k(batch.images, ctx.top_k)
+                pred_batches.append(_prediction_batch(
+                    [uris[i] for i in batch.rows], [true_labels[i] for i in batch.rows], scores, indices,
+                    self.classifier.class_names, ctx,
+                ))
+        return pred_batches, err_rows
 
     def _decode_all(self, uris: list[str], batches: list[list[int]], max_pixels: int,
                     out: queue.Queue[_Decoded | BaseException], stop: threading.Event, timing: ShardTiming) -> None:
         """The decode stage, on its own thread (and CUDA stream): the shard's batches read ahead, streamed
         through the decoder, and put on `out` in order; an error is put on `out` in place of a batch."""
+        timing.started = time.perf_counter()
         reads: deque[Future] = deque()
         read_failures: deque[tuple[list[int], list[tuple[int, Failure]]]] = deque()
 

@@ -22,8 +22,9 @@ CPU_BATCH = 64
 DALI_BYTES_PER_IMAGE = 8 * 2**20
 DALI_FIXED_BYTES = 512 * 2**20  # nvJPEG handles, DALI's pools and its CUDA context share
 # Model inputs alive at once in a classify run: DALI's stream queue (decode.STREAM_DEPTH = 2), decoded batches
-# waiting for the model (classify.DECODE_AHEAD = 2), one being handed over and one in the model.
-INPUT_BATCHES_IN_FLIGHT = 6
+# waiting for the model (classify.DECODE_AHEAD = 2, and as many of the next shard's while the model finishes a
+# shard), one being handed over and one in the model.
+INPUT_BATCHES_IN_FLIGHT = 8
 
 
 class Classifier:

@@ -16,7 +16,7 @@ GPU_LIMIT = "gpu"  # global concurrency limit: one slot per card, shared by ever
 
 
 class TaskRunnerKind(str, Enum):
-    LOCAL = "local"  # the flow's own process, one shard at a time (as one GPU wants)
+    LOCAL = "local"  # the flow's own process: two shard tasks at a time, overlapping on one worker
     DASK = "dask"  # prefect-dask: a temporary local cluster, or the scheduler at `dask_address`
 
 
@@ -35,8 +35,8 @@ def make_task_runner(kind: TaskRunnerKind | str, dask_address: str | None, devic
         from prefect.task_runners import ThreadPoolTaskRunner
 
         # two shard tasks at a time: while one runs on the card, the next goes through Prefect's state changes
-        # and API round trips and waits for the card (a ShardClassifier runs one shard at a time), so that
-        # per-shard bookkeeping overlaps the work instead of adding to it
+        # and API round trips, so that per-shard bookkeeping overlaps the work instead of adding to it; and the
+        # worker starts reading and decoding the next shard while the model finishes the one before
         return ThreadPoolTaskRunner(max_workers=2)
     from prefect_dask import DaskTaskRunner
 

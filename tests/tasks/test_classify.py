@@ -40,8 +40,8 @@ def test_predictions_do_not_depend_on_the_batch_size(seed_model_dir, labelled):
 
 
 def test_shards_run_from_two_threads_on_one_worker_give_the_rows_of_one_batch(seed_model_dir, labelled):
-    """Two shard tasks share a worker (the local runner runs two at a time): they take turns, and the read
-    arenas, reused every few batches of 1, never hand a batch another's bytes."""
+    """Two shard tasks share a worker (the local runner runs two at a time): they overlap, and the read arenas,
+    reused every few batches of 1, never hand a batch another's bytes."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tasks.classify import ARENAS, shard_classifier
@@ -61,6 +61,43 @@ def test_shards_run_from_two_threads_on_one_worker_give_the_rows_of_one_batch(se
         assert got.column("image_uri").equals(want.column("image_uri"))
         assert got.column("label").equals(want.column("label"))
         assert abs(got.column("score").to_numpy() - want.column("score").to_numpy()).max() < 1e-5
+
+
+def test_the_next_shard_is_read_and_decoded_while_the_model_finishes_the_shard_before(seed_model_dir, photos_dir):
+    """The model waits on its last batch of the first shard until the second shard's decode stage has begun:
+    with shards taking whole turns on the worker this would never happen."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    table = list_images(photos_dir)  # nine good photos
+    uris, labels = table.column("uri").to_pylist(), table.column("label").to_pylist()
+    worker = ShardClassifier(str(seed_model_dir), "cpu", 3, 2)
+    batches_per_shard = -(-len(uris) // 3)
+    second_shard_decoding = threading.Event()
+    overlapped: list[bool] = []
+    decode_stream, top_k = worker.decoder.decode_stream, worker.classifier.top_k
+    streams, model_calls = [], []
+
+    def spy_decode_stream(batches, *args, **kwargs):
+        streams.append(1)
+        if len(streams) == 2:
+            second_shard_decoding.set()
+        return decode_stream(batches, *args, **kwargs)
+
+    def spy_top_k(images, k):
+        model_calls.append(1)
+        if len(model_calls) == batches_per_shard:  # the first shard's last batch
+            overlapped.append(second_shard_decoding.wait(timeout=20))
+        return top_k(images, k)
+
+    worker.decoder.decode_stream, worker.classifier.top_k = spy_decode_stream, spy_top_k
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda args: worker.run(*args, CTX), [(uris, labels), (uris[::-1], labels[::-1])]))
+    assert overlapped == [True]
+    assert len(model_calls) == 2 * batches_per_shard
+    for predictions, errors, timing in runs:
+        assert sorted(predictions.column("image_uri").to_pylist()) == sorted(uris) and errors.num_rows == 0
+        assert timing.seconds > 0
 
 
 def test_rows_carry_true_label_topk_and_model_identity(seed_model_dir, labelled):
