@@ -67,7 +67,7 @@ def _rss_mb() -> float:
 
 def run_a2k_flow(images_dir: str, model_dir: str, output_root: str, batch_size: int | None, device: str,
                  hw_decoder_load: float, num_threads: int | None, gpu_memory_gb: float | None,
-                 shard_size: int | None, task_runner: str = "local") -> list[dict]:
+                 shard_size: int | None, task_runner: str = "local", dask_address: str | None = None) -> list[dict]:
     """The real classify-images flow, files -> committed Parquet, on Prefect's ephemeral server: once cold (server
     start, CUDA, DALI, model load), then warm into a fresh output. images/s = listed / flow wall seconds."""
     import inspect
@@ -76,7 +76,7 @@ def run_a2k_flow(images_dir: str, model_dir: str, output_root: str, batch_size: 
 
     wanted = {"input": images_dir, "model": model_dir, "batch_size": batch_size, "device": device,
               "hw_decoder_load": hw_decoder_load, "num_threads": num_threads, "gpu_memory_gb": gpu_memory_gb,
-              "shard_size": shard_size, "task_runner": task_runner}
+              "shard_size": shard_size, "task_runner": task_runner, "dask_address": dask_address}
     accepted = inspect.signature(classify_images.fn).parameters
     kwargs = {k: v for k, v in wanted.items() if v is not None and k in accepted}
     rows = []
@@ -343,7 +343,8 @@ def render(rows: list[Row], args, data: dict, models: list[str], machine: str, c
         f"Data: {data['count']:,} files ({'hard links' if data['link'] else 'copies'} of {data['distinct']} distinct "
         f"images, mean {data['mean_kb']} kB, from `{data['source']}`) · models: {', '.join(models)} · batch "
         f"{args.batch_size} · hw_decoder_load {args.hw_decoder_load} · gpu_memory_gb {args.gpu_memory_gb or 'not capped'}"
-        f" · device {args.device} · task runner {args.task_runner}", "",
+        f" · device {args.device} · task runner {args.task_runner}"
+        f"{f' at {args.dask_address} (long-lived workers)' if args.dask_address else ''}", "",
         f"Command: `{command}`", "",
         "| stage | variant | model | images | seconds | images/s | peak RSS MiB | notes |",
         "|---|---|---|---|---|---|---|---|",
@@ -386,6 +387,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--task-runner", choices=["local", "dask"], default="local",
                    help="a2k's shard tasks in process, or on a temporary Dask cluster: one worker per GPU with "
                         "dask-cuda (the multi-GPU run; the a2k ratio is then against the ceiling times the GPUs)")
+    p.add_argument("--dask-address", default=None,
+                   help="with --task-runner dask: a running scheduler (long-lived workers, e.g. `dask cuda worker`) "
+                        "instead of a temporary cluster; its workers are assumed to be this machine's visible GPUs")
     p.add_argument("--stages", nargs="+", default=None, help="a subset of the stages (default: all)",
                    choices=["decode_ceiling", "model_ceiling", "a2k", "pil_dataloader", "naive", "ray_data"])
     p.add_argument("--stage-timeout", type=float, default=1800)
@@ -399,6 +403,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--data is required")
     if args.replicate_to < 1 or args.batch_size < 1:
         p.error("--replicate-to and --batch-size must be at least 1")
+    if args.dask_address and args.task_runner != "dask":
+        p.error(f"--dask-address {args.dask_address} needs --task-runner dask")
     if not 0.0 <= args.hw_decoder_load <= 1.0:
         p.error(f"--hw-decoder-load {args.hw_decoder_load} must be in [0, 1]")
     return args
@@ -426,7 +432,8 @@ def _plan(args, images: str, models: list[tuple[str, str]]) -> list[tuple[str, s
             ("a2k", "3. a2k classify-images end to end", label, {
                 "images_dir": images, "model_dir": mdir, "output_root": str(out / f"a2k-{label}"),
                 "hw_decoder_load": args.hw_decoder_load, "num_threads": args.num_threads,
-                "shard_size": args.shard_size, "task_runner": args.task_runner, **common,
+                "shard_size": args.shard_size, "task_runner": args.task_runner, "dask_address": args.dask_address,
+                **common,
                 **({"batch_size": None} if args.a2k_auto_batch else {})}),
             ("pil_dataloader", "4. PIL + DataLoader baseline", label,
              {"images_dir": images, "model_dir": mdir, "output": str(out / f"pil-{label}"), **common}),

@@ -1,6 +1,7 @@
 """The shard tasks on a Dask cluster (prefect-dask): the same rows as in-process, each image exactly once."""
 
 import logging
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -53,3 +54,58 @@ def test_a_dask_address_with_a_local_cluster_size_is_refused_before_any_work(pho
         classify_images(input=str(photos_dir), output=str(tmp_path / "out"), model=str(seed_model_dir), device="cpu",
                         dask_workers=2)
     assert not list((tmp_path / "out").glob("**/*.parquet"))
+
+
+@pytest.fixture
+def long_lived_cluster(tmp_path):
+    """A scheduler and two workers started from Dask's command line, as an operator runs them, outliving the flow
+    runs; the workers not daemonic (`DASK_DISTRIBUTED__WORKER__DAEMON=False`), so a2k may start reader processes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from distributed import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    logs = open(tmp_path / "dask.log", "w")
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", str(port), "--no-dashboard"], env=env, stdout=logs, stderr=logs)]
+    procs += [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                "--nworkers", "2", "--no-dashboard"], env=env, stdout=logs, stderr=logs)]
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            yield address, client
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        logs.close()
+
+
+def test_a_long_lived_cluster_serves_two_runs_and_its_workers_keep_the_model(twelve_photos, seed_model_dir, tmp_path,
+                                                                           long_lived_cluster):
+    address, client = long_lived_cluster
+    common = {"input": str(twelve_photos), "model": str(seed_model_dir), "device": "cpu", "shard_size": 3,
+              "batch_size": 3, "top_k": 2, "task_runner": "dask", "dask_address": address}
+    local = classify_images(output=str(tmp_path / "local"), **{**common, "task_runner": "local", "dask_address": None})
+    runs = [classify_images(output=str(tmp_path / f"run{i}"), **common) for i in (1, 2)]
+    for run in runs:
+        assert (run["listed"], run["predicted"], run["errors"]) == (12, 12, 0) and run["parts"] == local["parts"]
+        assert all("reader process" in r for r in run["reading"]), run["reading"]
+        b = _rows(tmp_path / f"run{runs.index(run) + 1}")
+        assert list(b["image_uri"]) == list(_rows(tmp_path / "local")["image_uri"])
+    # the workers outlived the first run: each built its ShardClassifier (model, DALI pipeline, readers) at most
+    # once, whichever runs' shards it served
+    built = client.run(lambda: __import__("tasks.classify").classify._cached_shard_classifier.cache_info().misses)
+    assert len(built) == 2 and max(built.values()) == 1, built
