@@ -1,0 +1,62 @@
+"""Shards through one ShardClassifier from two threads, as the in-process runner gives them, without Prefect: the
+images/s of the classify pipeline alone (reads, DALI, model, Arrow rows), and a process to profile, e.g.
+
+    py-spy record --gil --threads --rate 200 --format raw -o gil.txt -- \
+        python3 bench/shard_runs.py --source ../shared/data/imagenet-sample --files 40960
+
+(`--gil` keeps only the samples of the thread holding the GIL: which stage keeps the others waiting.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import a2k  # noqa: E402,F401  (its CUDA settings, before CUDA starts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.run_all import model_dir_for, replicate
+    from tasks.classify import RunContext, ShardClassifier
+    from tasks.manifest import list_images
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", type=Path, required=True, help="folder of images to replicate")
+    p.add_argument("--files", type=int, default=40_960)
+    p.add_argument("--shard-size", type=int, default=4096)
+    p.add_argument("--model", default="resnet50", help="architecture (random weights) or model directory")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-threads", type=int, default=None, help="DALI threads (default: a2k's)")
+    p.add_argument("--read-processes", type=int, default=None, help="0 reads in a thread (default: a2k's)")
+    p.add_argument("--hw-decoder-load", type=float, default=0.65)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/a2k-shard-runs"))
+    args = p.parse_args(argv)
+
+    images = args.workdir / f"images-{args.files}"
+    if not images.exists():
+        replicate(args.source, images, args.files, link=True)
+    _, model_dir = model_dir_for(args.model, args.workdir)
+    worker = ShardClassifier(model_dir, args.device, args.batch_size, args.num_threads, args.hw_decoder_load,
+                             read_processes=args.read_processes)
+    table = list_images(images)
+    uris, labels = table.column("uri").to_pylist(), table.column("label").to_pylist()
+    shards = [(uris[i:i + args.shard_size], labels[i:i + args.shard_size]) for i in range(0, len(uris), args.shard_size)]
+    ctx = RunContext("bench", "1", "-", "shard-runs", top_k=5)
+    worker.run(*shards[0], ctx)  # warm-up: DALI's pools, cuDNN, the reader processes
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(lambda s: worker.run(*s, ctx), shards))
+        print(f"{len(uris) / (time.perf_counter() - t0):.0f} images/s on {worker.device} ({args.num_threads or 'default'} "
+              f"DALI threads, local files read by {worker.reading}); a shard: {outs[len(outs) // 2][2].describe()}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
