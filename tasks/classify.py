@@ -101,7 +101,7 @@ class ShardTiming:
     waiting for decode means decoding (or reading) bounds the run; decode waiting for the model means the
     model does."""
 
-    started: float = 0.0  # perf_counter() when the shard's decode stage began
+    started: float = 0.0  # perf_counter() when the model's turn came to the shard
     seconds: float = 0.0
     model_for_decode: float = 0.0
     decode_for_reads: float = 0.0
@@ -178,8 +178,10 @@ class ShardClassifier:
     def run(
         self, uris: list[str], true_labels: list[str | None], ctx: RunContext, max_pixels: int = DEFAULT_MAX_PIXELS
     ) -> tuple[pa.Table, pa.Table, ShardTiming]:
-        """Predictions and errors for `uris` (every uri lands in exactly one), and the time spent from the start
-        of the shard's decode stage (not counting the wait for shards given before it).
+        """Predictions and errors for `uris` (every uri lands in exactly one), and the time from the moment the
+        model's turn came to this shard until the model was done with it (its reads and decoding may have begun
+        earlier, while the model finished the shard before: counted there, so consecutive shards' times tile the
+        time the worker was busy, and images / their sum is the worker's rate).
 
         Thread-safe: shards given from several threads are served in the order they came, and overlap where the
         stages allow it: a shard's reads and decoding start when the shard before it has been decoded, while the
@@ -194,10 +196,12 @@ class ShardClassifier:
         try:
             with self._model_turn:
                 self._model_turn.wait_for(lambda: self._serving == ticket)
+            timing.started = time.perf_counter()
             try:
                 pred_batches, err_rows = self._predict(uris, true_labels, ctx, batches, decoded, timing)
             finally:
                 with self._model_turn:
+                    timing.seconds = time.perf_counter() - timing.started  # consecutive shards' times tile
                     self._serving += 1
                     self._model_turn.notify_all()
         finally:  # a failed stage: the decode stage stops before the next shard reuses the decoder
@@ -209,7 +213,6 @@ class ShardClassifier:
             raise RuntimeError(
                 f"{len(uris)} images in, {predictions.num_rows} predicted + {errors.num_rows} errors out: rows were lost"
             )
-        timing.seconds = time.perf_counter() - timing.started
         return predictions, errors, timing
 
     def _predict(self, uris: list[str], true_labels: list[str | None], ctx: RunContext, batches: list[list[int]],
@@ -241,7 +244,6 @@ class ShardClassifier:
                     out: queue.Queue[_Decoded | BaseException], stop: threading.Event, timing: ShardTiming) -> None:
         """The decode stage, on its own thread (and CUDA stream): the shard's batches read ahead, streamed
         through the decoder, and put on `out` in order; an error is put on `out` in place of a batch."""
-        timing.started = time.perf_counter()
         reads: deque[Future] = deque()
         read_failures: deque[tuple[list[int], list[tuple[int, Failure]]]] = deque()
 

@@ -67,6 +67,7 @@ def test_the_next_shard_is_read_and_decoded_while_the_model_finishes_the_shard_b
     """The model waits on its last batch of the first shard until the second shard's decode stage has begun:
     with shards taking whole turns on the worker this would never happen."""
     import threading
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     table = list_images(photos_dir)  # nine good photos
@@ -88,12 +89,16 @@ def test_the_next_shard_is_read_and_decoded_while_the_model_finishes_the_shard_b
         model_calls.append(1)
         if len(model_calls) == batches_per_shard:  # the first shard's last batch
             overlapped.append(second_shard_decoding.wait(timeout=20))
+            time.sleep(0.5)  # the second shard decodes meanwhile: its time is counted once, in the first
         return top_k(images, k)
 
     worker.decoder.decode_stream, worker.classifier.top_k = spy_decode_stream, spy_top_k
+    start = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
         runs = list(pool.map(lambda args: worker.run(*args, CTX), [(uris, labels), (uris[::-1], labels[::-1])]))
+    wall = time.perf_counter() - start
     assert overlapped == [True]
+    assert sum(timing.seconds for *_, timing in runs) <= wall  # the shards' times add up to the busy time
     assert len(model_calls) == 2 * batches_per_shard
     for predictions, errors, timing in runs:
         assert sorted(predictions.column("image_uri").to_pylist()) == sorted(uris) and errors.num_rows == 0
