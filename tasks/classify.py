@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import queue
@@ -157,10 +156,9 @@ class ShardClassifier:
             default_read_processes() if read_processes is None else read_processes, threads)
         # shards given from several threads take tickets: the decode stage (one thread) runs them in ticket order,
         # and so does the model, one shard at a time (the CUDA graph has one input buffer)
-        self._tickets = itertools.count()
-        self._admit = threading.Lock()
         self._model_turn = threading.Condition()
-        self._serving = 0
+        self._tickets = 0  # the next shard's ticket
+        self._serving = 0  # the ticket whose turn it is on the model
 
     def _start_read_processes(self, workers: int, threads: str) -> tuple[ProcessReaders | None, str]:
         """Reader processes for local files, or None (threads read them) where they cannot run; and how local
@@ -190,8 +188,8 @@ class ShardClassifier:
         batches = [list(range(i, min(i + self.batch_size, len(uris)))) for i in range(0, len(uris), self.batch_size)]
         decoded: queue.Queue[_Decoded | BaseException] = queue.Queue(maxsize=DECODE_AHEAD)
         stop = threading.Event()
-        with self._admit:  # the ticket and the place in the decode stage's queue agree
-            ticket = next(self._tickets)
+        with self._model_turn:  # the ticket and the place in the decode stage's queue agree
+            ticket, self._tickets = self._tickets, self._tickets + 1
             stage = self.decode_stage.submit(self._decode_all, uris, batches, max_pixels, decoded, stop, timing)
         try:
             with self._model_turn:

@@ -99,12 +99,12 @@ def test_a_long_lived_cluster_serves_two_runs_and_its_workers_keep_the_model(twe
     common = {"input": str(twelve_photos), "model": str(seed_model_dir), "device": "cpu", "shard_size": 3,
               "batch_size": 3, "top_k": 2, "task_runner": "dask", "dask_address": address}
     local = classify_images(output=str(tmp_path / "local"), **{**common, "task_runner": "local", "dask_address": None})
-    runs = [classify_images(output=str(tmp_path / f"run{i}"), **common) for i in (1, 2)]
-    for run in runs:
+    want = list(_rows(tmp_path / "local")["image_uri"])
+    for i in (1, 2):
+        run = classify_images(output=str(tmp_path / f"run{i}"), **common)
         assert (run["listed"], run["predicted"], run["errors"]) == (12, 12, 0) and run["parts"] == local["parts"]
         assert all("reader process" in r for r in run["reading"]), run["reading"]
-        b = _rows(tmp_path / f"run{runs.index(run) + 1}")
-        assert list(b["image_uri"]) == list(_rows(tmp_path / "local")["image_uri"])
+        assert list(_rows(tmp_path / f"run{i}")["image_uri"]) == want
     # the workers outlived the first run: each built its ShardClassifier (model, DALI pipeline, readers) at most
     # once, whichever runs' shards it served
     built = client.run(lambda: __import__("tasks.classify").classify._cached_shard_classifier.cache_info().misses)
