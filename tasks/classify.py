@@ -135,6 +135,7 @@ class ShardClassifier:
         self.device = resolve_device(device)
         self.ballast = limit_gpu_memory(self.device, gpu_memory_gb) if gpu_memory_gb else None
         self.classifier = Classifier(model_dir, self.device)
+        self.class_names = pa.array(list(self.classifier.entry.class_names), pa.string())
         pre = self.classifier.entry.preprocessing
         if batch_size is None:
             fit = fit_batch_size(self.classifier, pre)
@@ -218,6 +219,7 @@ class ShardClassifier:
         """The model stage: each decoded batch's top k, as Arrow rows, and the failures the stages before found."""
         pred_batches: list[pa.RecordBatch] = []
         err_rows: list[tuple[str, Failure]] = []
+        uri_array, label_array = pa.array(uris, pa.string()), pa.array(true_labels, pa.string())
         with torch.cuda.stream(self.model_stream):  # no stream (CPU): no-op
             for _ in batches:
                 t0 = time.perf_counter()
@@ -232,10 +234,9 @@ class ShardClassifier:
                     self.model_stream.wait_event(batch.ready)
                     batch.images.record_stream(self.model_stream)
                 scores, indices = self.classifier.top_k(batch.images, ctx.top_k)
-                pred_batches.append(_prediction_batch(
-                    [uris[i] for i in batch.rows], [true_labels[i] for i in batch.rows], scores, indices,
-                    self.classifier.class_names, ctx,
-                ))
+                rows = pa.array(batch.rows, pa.int32())
+                pred_batches.append(_prediction_batch(uri_array.take(rows), label_array.take(rows), scores, indices,
+                                                      self.class_names, ctx))
         return pred_batches, err_rows
 
     def _decode_all(self, uris: list[str], batches: list[list[int]], max_pixels: int,
@@ -310,23 +311,29 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _prediction_batch(uris, true_labels, scores: np.ndarray, indices: np.ndarray, class_names: np.ndarray, ctx: RunContext):
+def _prediction_batch(uris: pa.Array, true_labels: pa.Array, scores: np.ndarray, indices: np.ndarray,
+                      class_names: pa.Array, ctx: RunContext) -> pa.RecordBatch:
+    """One batch's rows, built in Arrow's C++ (takes and repeats, no Python object per value): this runs on the
+    model's thread, beside the decode thread that needs the GIL."""
     n, k = indices.shape
-    names = class_names[indices]
     offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+
+    def same(value, type_: pa.DataType) -> pa.Array:
+        return pa.repeat(pa.scalar(value, type_), n)
+
     return pa.RecordBatch.from_arrays(
         [
-            pa.array(uris, pa.string()),
-            pa.array(names[:, 0].tolist(), pa.string()),
+            uris,
+            class_names.take(pa.array(indices[:, 0])),
             pa.array(scores[:, 0].astype(np.float32)),
-            pa.ListArray.from_arrays(offsets, pa.array(names.reshape(-1).tolist(), pa.string())),
+            pa.ListArray.from_arrays(offsets, class_names.take(pa.array(indices.reshape(-1)))),
             pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1).astype(np.float32))),
-            pa.array(true_labels, pa.string()),
-            pa.array([ctx.model_name] * n, pa.string()),
-            pa.array([ctx.model_version] * n, pa.string()),
-            pa.array([ctx.model_sha256] * n, pa.string()),
-            pa.array([ctx.run_id] * n, pa.string()),
-            pa.array([_now()] * n, pa.timestamp("us", tz="UTC")),
+            true_labels,
+            same(ctx.model_name, pa.string()),
+            same(ctx.model_version, pa.string()),
+            same(ctx.model_sha256, pa.string()),
+            same(ctx.run_id, pa.string()),
+            same(_now(), pa.timestamp("us", tz="UTC")),
         ],
         schema=PREDICTION_SCHEMA,
     )
