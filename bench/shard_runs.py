@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--read-processes", type=int, default=None, help="0 reads in a thread (default: a2k's)")
     p.add_argument("--hw-decoder-load", type=float, default=0.65)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--compile", default=None, help="torch.compile mode for the model (CUDA), e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--stream-depth", type=int, default=None, help="batches in DALI at once (default: a2k's)")
+    p.add_argument("--model-off", action="store_true",
+                   help="skip the forward pass (rows get class 0): the pipeline's rate without the model on the card")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/a2k-shard-runs"))
     args = p.parse_args(argv)
 
@@ -42,8 +46,27 @@ def main(argv: list[str] | None = None) -> None:
     if not images.exists():
         replicate(args.source, images, args.files, link=True)
     _, model_dir = model_dir_for(args.model, args.workdir)
+    if args.stream_depth:
+        import tasks.classify
+        from tasks.decode import ImageDecoder
+
+        ImageDecoder.decode_stream.__defaults__ = (args.stream_depth,)
+        tasks.classify.ARENAS = tasks.classify.READ_AHEAD + args.stream_depth + 1
+    if args.compile:
+        import functools
+
+        import tasks.classify
+
+        tasks.classify.Classifier = functools.partial(tasks.classify.Classifier, compile_mode=args.compile)
     worker = ShardClassifier(model_dir, args.device, args.batch_size, args.num_threads, args.hw_decoder_load,
                              read_processes=args.read_processes)
+    if args.model_off:
+        import numpy as np
+
+        def no_model(images, k):
+            return np.zeros((len(images), k), np.float32), np.zeros((len(images), k), np.int64)
+
+        worker.classifier.top_k = no_model
     table = list_images(images)
     uris, labels = table.column("uri").to_pylist(), table.column("label").to_pylist()
     shards = [(uris[i:i + args.shard_size], labels[i:i + args.shard_size]) for i in range(0, len(uris), args.shard_size)]
@@ -54,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         with ThreadPoolExecutor(2) as pool:
             outs = list(pool.map(lambda s: worker.run(*s, ctx), shards))
         print(f"{len(uris) / (time.perf_counter() - t0):.0f} images/s on {worker.device} ({args.num_threads or 'default'} "
-              f"DALI threads, local files read by {worker.reading}); a shard: {outs[len(outs) // 2][2].describe()}",
+              f"DALI threads, hw load {args.hw_decoder_load}, compile {args.compile}, stream depth "
+              f"{args.stream_depth or 'default'}, model "
+              f"{'off' if args.model_off else 'on'}, local files read by {worker.reading}); a shard: {outs[len(outs) // 2][2].describe()}",
               flush=True)
 
 
