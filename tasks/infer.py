@@ -142,8 +142,8 @@ class Classifier:
         scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
         if not self.device.is_cuda:
             return scores.numpy(), indices.numpy()
-        # copied into pinned memory behind the forward pass, then waited for on an event: a copy into pageable
-        # memory (`.cpu()`) blocks inside the driver until the forward pass is done, and DALI's threads wait on it
+        # copied into pinned memory behind the forward pass, then waited for on an event (with the GIL released),
+        # instead of `.cpu()`, a copy into pageable memory that waits inside the driver for the forward pass
         scores, indices = scores.to("cpu", non_blocking=True), indices.to("cpu", non_blocking=True)
         done = torch.cuda.Event()
         done.record()
