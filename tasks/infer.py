@@ -33,12 +33,10 @@ def fold_batch_norms(model: torch.nn.Module, input_shape: tuple[int, ...], name:
     activations less per pair (ResNet-50 has 53). Computed in fp32, before any cast to fp16. The folded model's
     output is checked against the original's on a random batch; where the model cannot be traced, or the outputs
     differ, the original is kept and the log says why."""
-    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    before = _batch_norms(model)
+    if not before:
         return model
     from torch.fx.experimental.optimization import fuse
-
-    def batch_norms(m: torch.nn.Module) -> int:
-        return sum(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in m.modules())
 
     try:
         folded = fuse(model).eval()
@@ -54,9 +52,13 @@ def fold_batch_norms(model: torch.nn.Module, input_shape: tuple[int, ...], name:
                     "changed (largest difference %.3g)", name, (got - expected).abs().max().item()
                     if got.shape == expected.shape else float("nan"))
         return model
-    log.info("%s: %d of %d batch norms folded into the layers before them", name,
-             batch_norms(model) - batch_norms(folded), batch_norms(model))
+    log.info("%s: %d of %d batch norms folded into the layers before them", name, before - _batch_norms(folded),
+             before)
     return folded
+
+
+def _batch_norms(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 class Classifier:
