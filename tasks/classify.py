@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 READ_AHEAD = 3  # batches read and header-checked ahead of the decoder
 DECODE_AHEAD = 2  # decoded batches waiting for the model (each holds its images on the device)
 # Read arenas in the ring: batch n is read into arena n % ARENAS. When the decoder takes batch n, the read of
-# n + READ_AHEAD is submitted; up to STREAM_DEPTH - 1 batches before n are still in DALI (their bytes are
-# needed again if DALI fails on them), and n + 1 .. n + READ_AHEAD - 1 are read or being read: READ_AHEAD +
-# STREAM_DEPTH batches hold arenas. One more is margin.
+# n + READ_AHEAD is submitted; batches n - STREAM_DEPTH .. n - 1 may still be held by the decoder (in DALI, or
+# behind one that is; their bytes are needed again if DALI fails on them: ImageDecoder.decode_stream), and
+# n + 1 .. n + READ_AHEAD - 1 are read or being read: the ring spans READ_AHEAD + STREAM_DEPTH + 1 batches.
 ARENAS = READ_AHEAD + STREAM_DEPTH + 1
 # Threads reading local files where worker processes cannot (see READ_PROCESSES). Reads from the page cache
 # hold the GIL the decode and model threads need: a shard ran at 6,398 images/s with 1 reader thread, 6,269

@@ -214,14 +214,24 @@ class ImageDecoder:
         batch (the copy in, and Huffman decoding on its threads wherever the hardware decoder is off or partly
         used) overlaps the GPU stage of the batch before. When DALI fails on a batch, that batch and the ones
         in DALI behind it go through `decode`'s bisection, and the stream's pipeline is built again for the
-        next batch. Close the generator (or run it to the end) before the decoder is used again."""
+        next batch. Close the generator (or run it to the end) before the decoder is used again.
+
+        When it takes batch n from `batches`, at most `depth - 1` batches taken before are still held (in DALI,
+        or waiting behind one that is), none before n - `depth` (a filler, `_fill`, holds the bytes of the batch
+        it repeats): a caller reading batches into a ring of buffers may reuse the buffer of batch n - `depth` - 1
+        once batch n is taken."""
         pending: deque[_Batch] = deque()
         try:
             for blobs in batches:
                 pending.append(batch := self._prepare(blobs))
                 if batch.to_dali and depth > 1 and self._streaming:
                     self._feed(batch, depth, pending)
-                while pending and (not pending[0].in_stream or sum(b.in_stream for b in pending) >= depth):
+                # a batch that skips DALI (its files all failed to read, or go to Pillow) counts too: otherwise
+                # batches of failures queue behind one in DALI, whose bytes are then still needed several batches
+                # later (tests.tasks.test_decode: a read ring reused them under DALI's feet)
+                while pending and (not pending[0].in_stream or len(pending) >= depth):
+                    if pending[0].in_stream and self._stream_fed < depth:  # the stream's first run waits: start it
+                        self._fill(depth, pending)
                     if (done := self._finish_oldest(pending)) is not None:
                         yield done
             self._fill(depth, pending)

@@ -103,6 +103,37 @@ def test_a_stream_decodes_each_batch_as_decode_does(depth, sizes):
         _same(got, ImageDecoder(Preprocessing(), CPU, 4).decode(blobs))
 
 
+@pytest.mark.parametrize("depth", [2, 3])
+def test_a_stream_is_done_with_a_batch_s_bytes_depth_batches_later(depth):
+    """The caller reads batch n into buffer n % (depth + 1) of a ring as the stream takes it (ShardClassifier's
+    read arenas do): no batch is decoded from bytes a later one overwrote, also where batches with nothing for DALI
+    (every file failed to read, or all go to Pillow) come behind one in DALI. (CI, 2026-12-01: two batches of
+    failed reads behind a photo in DALI let the read ring overwrite it before DALI decoded it.)"""
+    from tasks.read import Blob
+
+    photos = [p.read_bytes() for p in photo_paths(9)]
+    pillow = "routed to Pillow by the test"
+    plan = [[0], [], [], [1, 2], [3], [(4, pillow)], [], [5], [6, (7, pillow)], [], [8]]  # photo, or (photo, reason)
+    ring = [np.zeros(4 << 20, np.uint8) for _ in range(depth + 1)]
+
+    def given(copy: bool):
+        for n, batch in enumerate(plan):
+            buffer, at, blobs = ring[n % len(ring)], 0, []
+            for item in batch:
+                i, reason = item if isinstance(item, tuple) else (item, None)
+                data = photos[i]
+                if not copy:  # into the ring, as the read arenas do
+                    buffer[at : at + len(data)] = np.frombuffer(data, np.uint8)
+                    data, at = memoryview(buffer)[at : at + len(data)], at + len(data)
+                blobs.append(Blob(data, reason) if reason else data)
+            yield blobs
+
+    streamed = list(ImageDecoder(Preprocessing(), CPU, 2).decode_stream(given(copy=False), depth=depth))
+    assert len(streamed) == len(plan)
+    for got, blobs in zip(streamed, given(copy=True)):
+        _same(got, ImageDecoder(Preprocessing(), CPU, 2).decode(blobs))
+
+
 def test_a_stream_isolates_a_file_dali_fails_on_and_goes_on(truncated_jpeg, caplog):
     """The failing batch and those queued behind it are decoded again by bisection; later batches stream
     through a rebuilt pipeline."""
