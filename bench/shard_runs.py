@@ -10,6 +10,8 @@ images/s of the classify pipeline alone (reads, DALI, model, Arrow rows), and a 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,64 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import a2k  # noqa: E402,F401  (its CUDA settings, before CUDA starts)
+
+
+def _cpu_times() -> tuple[float, float, dict[str, float]]:
+    """The machine's busy and total CPU seconds (all cores, from /proc/stat), and the CPU seconds of this process's
+    threads by name (Python's name where it has one; digits dropped, so that DALI's workers add up) and of its descendant processes (the reader processes,
+    under "reader processes"). Linux only."""
+    tick = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    total, idle = sum(fields[:8]), fields[3] + fields[4]  # idle + iowait
+    import threading
+
+    python_names = {t.native_id: t.name for t in threading.enumerate()}  # the OS knows Python's threads as "python"
+    by_name: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = python_names.get(int(tid)) or f.read().strip()
+            name = re.sub(r"[\d_-]+$", "", name) or "?"
+            by_name[name] = by_name.get(name, 0.0) + _stat_seconds(f"/proc/self/task/{tid}/stat", tick)
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            continue
+    parents: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    mine, grew = {os.getpid()}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in mine} - mine
+        mine |= more
+        grew = bool(more)
+    children = 0.0
+    for pid in mine - {os.getpid()}:
+        try:
+            children += _stat_seconds(f"/proc/{pid}/stat", tick)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    by_name["reader processes"] = children
+    return (total - idle) / tick, total / tick, by_name
+
+
+def _stat_seconds(path: str, tick: int) -> float:
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+
+def _cpu_report(before: tuple[float, float, dict[str, float]], wall: float) -> str:
+    busy0, total0, threads0 = before
+    busy1, total1, threads1 = _cpu_times()
+    cores = os.cpu_count() or 1
+    used = {name: seconds - threads0.get(name, 0.0) for name, seconds in threads1.items()}
+    top = sorted(((s, n) for n, s in used.items() if s >= 0.05), reverse=True)
+    return (f"CPU: {cores * (busy1 - busy0) / (total1 - total0):.1f} of {cores} cores busy over {wall:.2f} s; "
+            "CPU seconds: " + ", ".join(f"{n} {s:.2f}" for s, n in top))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stream-depth", type=int, default=None, help="batches in DALI at once (default: a2k's)")
     p.add_argument("--model-off", action="store_true",
                    help="skip the forward pass (rows get class 0): the pipeline's rate without the model on the card")
+    p.add_argument("--cpu-report", action="store_true",
+                   help="after each pass, how many cores were busy and the CPU seconds of each kind of thread")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/a2k-shard-runs"))
     args = p.parse_args(argv)
 
@@ -73,10 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     ctx = RunContext("bench", "1", "-", "shard-runs", top_k=5)
     worker.run(*shards[0], ctx)  # warm-up: DALI's pools, cuDNN, the reader processes
     for _ in range(args.repeat):
+        cpu = _cpu_times() if args.cpu_report else None
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(2, thread_name_prefix="shard") as pool:
             outs = list(pool.map(lambda s: worker.run(*s, ctx), shards))
-        print(f"{len(uris) / (time.perf_counter() - t0):.0f} images/s on {worker.device} ({args.num_threads or 'default'} "
+            wall = time.perf_counter() - t0
+            if cpu is not None:  # while the shard threads are alive: an ended thread's CPU time is not listed
+                print(_cpu_report(cpu, wall), flush=True)
+        print(f"{len(uris) / wall:.0f} images/s on {worker.device} ({args.num_threads or 'default'} "
               f"DALI threads, hw load {args.hw_decoder_load}, compile {args.compile}, stream depth "
               f"{args.stream_depth or 'default'}, model "
               f"{'off' if args.model_off else 'on'}, local files read by {worker.reading}); a shard: {outs[len(outs) // 2][2].describe()}",
