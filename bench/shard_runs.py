@@ -10,6 +10,7 @@ images/s of the classify pipeline alone (reads, DALI, model, Arrow rows), and a 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stream-depth", type=int, default=None, help="batches in DALI at once (default: a2k's)")
     p.add_argument("--model-off", action="store_true",
                    help="skip the forward pass (rows get class 0): the pipeline's rate without the model on the card")
+    p.add_argument("--blocking-sync", action="store_true",
+                   help="CUDA events created blocking (cudaEventBlockingSync): the model's thread sleeps while it waits "
+                        "for a batch's top k instead of spinning a core beside DALI's threads")
     p.add_argument("--cpu-report", action="store_true",
                    help="after each pass, how many cores were busy and the CPU seconds of each kind of thread")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/a2k-shard-runs"))
@@ -115,11 +119,13 @@ def main(argv: list[str] | None = None) -> None:
         ImageDecoder.decode_stream.__defaults__ = (args.stream_depth,)
         tasks.classify.ARENAS = tasks.classify.READ_AHEAD + args.stream_depth + 1
     if args.compile:
-        import functools
-
         import tasks.classify
 
         tasks.classify.Classifier = functools.partial(tasks.classify.Classifier, compile_mode=args.compile)
+    if args.blocking_sync:  # every event the run creates, the model's wait for its top k included
+        import torch
+
+        torch.cuda.Event = functools.partial(torch.cuda.Event, blocking=True)
     worker = ShardClassifier(model_dir, args.device, args.batch_size, args.num_threads, args.hw_decoder_load,
                              read_processes=args.read_processes)
     if args.model_off:
@@ -143,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             if cpu is not None:  # while the shard threads are alive: an ended thread's CPU time is not listed
                 print(_cpu_report(cpu, wall), flush=True)
         print(f"{len(uris) / wall:.0f} images/s on {worker.device} ({args.num_threads or 'default'} "
-              f"DALI threads, hw load {args.hw_decoder_load}, compile {args.compile}, stream depth "
+              f"DALI threads, hw load {args.hw_decoder_load}, compile {args.compile}, "
+              f"{'blocking' if args.blocking_sync else 'spinning'} sync, stream depth "
               f"{args.stream_depth or 'default'}, model "
               f"{'off' if args.model_off else 'on'}, local files read by {worker.reading}); a shard: {outs[len(outs) // 2][2].describe()}",
               flush=True)
