@@ -1,6 +1,7 @@
 """a2k: GPU batch image classification with Prefect flows, NVIDIA DALI decoding and Parquet output."""
 
 import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -10,4 +11,9 @@ __version__ = "0.1.0"
 # an H200: decode 20 ms a batch alone, 67 ms beside the model with 8 queues, 20 ms with 32; bench/NOTES.md,
 # variant 14). The driver reads this when CUDA starts in the process (before any CUDA call of a2k's); a value
 # the user set is kept.
+_SET_BY_USER = "CUDA_DEVICE_MAX_CONNECTIONS" in os.environ
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+# True when torch had started CUDA in this process before a2k was imported (a notebook that touched the GPU first):
+# the setting above came too late for the driver, and a2k.devices says so when it puts a shard worker on the GPU
+CUDA_STARTED_FIRST = (not _SET_BY_USER and "torch" in sys.modules
+                      and bool(getattr(getattr(sys.modules["torch"], "cuda", None), "is_initialized", bool)()))

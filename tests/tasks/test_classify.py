@@ -122,3 +122,26 @@ def test_device_strings_are_checked():
         resolve_device("gpu2")
     with pytest.raises(ValueError, match=r"device 'cuda:7' not found; available: auto, cpu"):
         resolve_device("cuda:7")
+
+
+@pytest.mark.gpu
+def test_a_worker_on_a_gpu_says_when_cuda_started_before_a2k_set_its_queues(seed_model_dir):
+    """CUDA_DEVICE_MAX_CONNECTIONS is read when CUDA starts: a process that started CUDA before importing a2k
+    runs with the driver's 8 queues, and the worker says so (in a fresh process, where nothing started CUDA)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import logging, sys, torch; torch.zeros(1, device='cuda'); import a2k; "
+              "from tasks.classify import ShardClassifier; logging.basicConfig(stream=sys.stdout); "
+              "print('first', a2k.CUDA_STARTED_FIRST); ShardClassifier(sys.argv[1], 'cuda', 8, 2)")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+    late = subprocess.run([sys.executable, "-c", script, str(seed_model_dir)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert late.returncode == 0, late.stderr
+    assert "first True" in late.stdout and "came too late" in late.stdout
+    in_order = subprocess.run([sys.executable, "-c", script.replace("torch.zeros(1, device='cuda'); import a2k",
+                                                                    "import a2k; torch.zeros(1, device='cuda')"),
+                               str(seed_model_dir)], capture_output=True, text=True, env=env, timeout=300)
+    assert in_order.returncode == 0, in_order.stderr
+    assert "first False" in in_order.stdout and "came too late" not in in_order.stdout
