@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-off", action="store_true",
                    help="skip the forward pass (rows get class 0): the pipeline's rate without the model on the card")
     p.add_argument("--blocking-sync", action="store_true",
-                   help="CUDA events created blocking (cudaEventBlockingSync): the model's thread sleeps while it waits "
+                   help="CUDA events made blocking (cudaEventBlockingSync): the model's thread sleeps while it waits "
                         "for a batch's top k instead of spinning a core beside DALI's threads")
     p.add_argument("--cpu-report", action="store_true",
                    help="after each pass, how many cores were busy and the CPU seconds of each kind of thread")

@@ -137,8 +137,8 @@ class ShardClassifier:
         if self.device.is_cuda and a2k.CUDA_STARTED_FIRST:
             log.warning("CUDA was started in this process before a2k was imported, so its "
                         "CUDA_DEVICE_MAX_CONNECTIONS=32 came too late: decoding and the model may take turns on the "
-                        "card (DALI's decoding ~3x slower beside the model on an H200, bench/NOTES.md variant 14). Import a2k "
-                        "first, or set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process starts")
+                        "card (DALI's decoding ~3x slower beside the model on an H200, bench/NOTES.md variant 14). "
+                        "Import a2k first, or set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process starts")
         self.ballast = limit_gpu_memory(self.device, gpu_memory_gb) if gpu_memory_gb else None
         self.classifier = Classifier(model_dir, self.device)
         self.class_names = pa.array(list(self.classifier.entry.class_names), pa.string())
