@@ -24,8 +24,8 @@ import a2k  # noqa: E402,F401  (its CUDA settings, before CUDA starts)
 
 def _cpu_times() -> tuple[float, float, dict[str, float]]:
     """The machine's busy and total CPU seconds (all cores, from /proc/stat), and the CPU seconds of this process's
-    threads by name (Python's name where it has one; digits dropped, so that DALI's workers add up) and of its descendant processes (the reader processes,
-    under "reader processes"). Linux only."""
+    threads by name (Python's name where it has one; digits dropped, so that DALI's workers add up) and of its
+    descendant processes (the reader processes, under "reader processes"). Linux only."""
     tick = os.sysconf("SC_CLK_TCK")
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
