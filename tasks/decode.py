@@ -216,10 +216,10 @@ class ImageDecoder:
         in DALI behind it go through `decode`'s bisection, and the stream's pipeline is built again for the
         next batch. Close the generator (or run it to the end) before the decoder is used again.
 
-        When it takes batch n from `batches`, at most `depth - 1` batches taken before are still held (in DALI,
+        When it asks `batches` for batch n, at most `depth - 1` batches taken before are still held (in DALI,
         or waiting behind one that is), none before n - `depth` (a filler, `_fill`, holds the bytes of the batch
         it repeats): a caller reading batches into a ring of buffers may reuse the buffer of batch n - `depth` - 1
-        once batch n is taken."""
+        from then on."""
         pending: deque[_Batch] = deque()
         try:
             for blobs in batches:
