@@ -7,6 +7,7 @@ S3 endpoint and credentials come from the standard AWS environment and config fi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from typing import Any
@@ -15,6 +16,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
 
 def filesystem(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for `url` and the path within it (no trailing slash)."""
@@ -58,18 +60,48 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Create `path` holding `data` only if it does not exist yet; False if someone else created it first.
 
-    Local: O_EXCL. S3: a conditional PUT (If-None-Match: *), which S3, MinIO and moto honour. When the store
-    carried out our PUT but its answer was lost (a 500 or a dropped connection), botocore's retry is refused as
-    if someone else had created the object; it is ours if it holds our bytes, so callers put something unique
-    in `data` (a stamp) where it matters who won.
+    Readers see the file whole or not at all. Local: written under a hidden temporary name, then hard-linked
+    to `path`, which fails if `path` exists (O_EXCL alone would show other processes an empty file until the
+    write ends: racing registrations read one, CI 2026-12-01). S3: a conditional PUT (If-None-Match: *), which
+    S3, MinIO and moto honour. When the store carried out our PUT but its answer was lost (a 500 or a dropped
+    connection), botocore's retry is refused as if someone else had created the object; it is ours if it holds
+    our bytes, so callers put something unique in `data` (a stamp) where it matters who won.
     """
     fs.makedirs(fs._parent(path), exist_ok=True)
+    if is_local(fs):
+        return _link_new(fs, path, data)
     try:
         with fs.open(path, "xb") as f:
             f.write(data)
     except FileExistsError:
-        return not is_local(fs) and _holds(fs, path, data)
+        return _holds(fs, path, data)
     return True
+
+
+def _link_new(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    tmp = _temporary_name(fs, path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as e:  # no hard links on this filesystem (some FUSE and SMB mounts): O_EXCL in place
+        log.warning("%s: no hard links here (%s); creating it in place, where a reader may see it empty for a "
+                    "moment", path, e.strerror)
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+    finally:
+        os.remove(tmp)
+    return True
+
+
+def _temporary_name(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A hidden name beside `path` that no other writer uses (listings skip it: readers look for their suffixes)."""
+    return f"{fs._parent(path)}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
 
 
 def _holds(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
@@ -89,7 +121,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if not is_local(fs):
         fs.pipe_file(path, data)
         return
-    tmp = f"{fs._parent(path)}/.{path.rsplit('/', 1)[-1]}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = _temporary_name(fs, path)
     with fs.open(tmp, "wb") as f:
         f.write(data)
     fs.mv(tmp, path)
