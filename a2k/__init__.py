@@ -15,5 +15,4 @@ _SET_BY_USER = "CUDA_DEVICE_MAX_CONNECTIONS" in os.environ
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 # True when torch had started CUDA in this process before a2k was imported (a notebook that touched the GPU first):
 # the setting above came too late for the driver, and a shard worker on the GPU (tasks.classify) says so
-CUDA_STARTED_FIRST = (not _SET_BY_USER and "torch" in sys.modules
-                      and bool(getattr(getattr(sys.modules["torch"], "cuda", None), "is_initialized", bool)()))
+CUDA_STARTED_FIRST = not _SET_BY_USER and "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized()

@@ -14,6 +14,7 @@ import functools
 import os
 import re
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,8 +31,6 @@ def _cpu_times() -> tuple[float, float, dict[str, float]]:
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
     total, idle = sum(fields[:8]), fields[3] + fields[4]  # idle + iowait
-    import threading
-
     python_names = {t.native_id: t.name for t in threading.enumerate()}  # the OS knows Python's threads as "python"
     by_name: dict[str, float] = {}
     for tid in os.listdir("/proc/self/task"):
@@ -149,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
             if cpu is not None:  # while the shard threads are alive: an ended thread's CPU time is not listed
                 print(_cpu_report(cpu, wall), flush=True)
         print(f"{len(uris) / wall:.0f} images/s on {worker.device} ({args.num_threads or 'default'} "
-              f"DALI threads, hw load {args.hw_decoder_load}, compile {args.compile}, "
-              f"{'blocking' if args.blocking_sync else 'spinning'} sync, stream depth "
+              f"DALI threads, hw load {args.hw_decoder_load}, compile {args.compile}"
+              f"{', blocking CUDA events' if args.blocking_sync else ''}, stream depth "
               f"{args.stream_depth or 'default'}, model "
               f"{'off' if args.model_off else 'on'}, local files read by {worker.reading}); a shard: {outs[len(outs) // 2][2].describe()}",
               flush=True)

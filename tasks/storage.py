@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
+
 def filesystem(url: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for `url` and the path within it (no trailing slash)."""
     fs, path = fsspec.core.url_to_fs(str(url))

@@ -107,7 +107,7 @@ def test_a_stream_decodes_each_batch_as_decode_does(depth, sizes):
 def test_a_stream_is_done_with_a_batch_s_bytes_depth_batches_later(depth):
     """The caller reads batch n into buffer n % (depth + 1) of a ring as the stream takes it (ShardClassifier's
     read arenas do): no batch is decoded from bytes a later one overwrote, also where batches with nothing for DALI
-    (every file failed to read, or all go to Pillow) come behind one in DALI. (CI, 2026-12-01: two batches of
+    (every file failed to read, or all go to Pillow) come behind one in DALI. (CI, 2026-12-01: three batches of
     failed reads behind a photo in DALI let the read ring overwrite it before DALI decoded it.)"""
     from tasks.read import Blob
 

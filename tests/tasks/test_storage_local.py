@@ -14,7 +14,7 @@ def test_an_exclusive_create_is_never_seen_part_written(tmp_path):
     fs = fsspec.filesystem("file")
     folder = str(tmp_path / "events")
     data = {n: bytes([n % 251]) * (4 << 20) for n in range(40)}  # ~ms to write each: a wide window before the fix
-    short: list[tuple[str, int]] = []
+    short: list[str] = []
     done = threading.Event()
 
     def read_while_written():
