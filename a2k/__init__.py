@@ -1,18 +1,3 @@
-"""a2k: GPU batch image classification with Prefect flows, NVIDIA DALI decoding and Parquet output."""
-
-import os
-import sys
+"""a2k's command line: `a2k classify | train | demo | models | compress`. Nothing imports this package."""
 
 __version__ = "0.1.0"
-
-# The GPU takes work from a few hardware queues, 8 by default, shared by all the process's CUDA streams: DALI's
-# decoder alone uses dozens, so the model's stream shares a queue with some of them and each waits behind the
-# other's unrelated work; decoding and inference then take turns on the card instead of overlapping (measured on
-# an H200: decode 20 ms a batch alone, 67 ms beside the model with 8 queues, 20 ms with 32; bench/NOTES.md,
-# variant 14). The driver reads this when CUDA starts in the process (before any CUDA call of a2k's); a value
-# the user set is kept.
-_SET_BY_USER = "CUDA_DEVICE_MAX_CONNECTIONS" in os.environ
-os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
-# True when torch had started CUDA in this process before a2k was imported (a notebook that touched the GPU first):
-# the setting above came too late for the driver, and a shard worker on the GPU (tasks.classify) says so
-CUDA_STARTED_FIRST = not _SET_BY_USER and "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tasks.targets import TARGETS
+from tasks.compress.targets import TARGETS
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from flows.compress_model import compress_model
-    from tasks.compress_measure import format_table
+    from tasks.compress.measure import format_table
 
     result = compress_model(model=args.ref, recipes=args.recipes, target=args.target,
                             max_accuracy_drop=args.max_accuracy_drop, device=args.device, batch_size=args.batch_size,

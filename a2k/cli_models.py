@@ -62,7 +62,7 @@ def _version_line(v) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from tasks import registry as reg
+    from tasks.models import registry as reg
 
     if args.command == "evaluate":
         from flows.evaluate_model import evaluate_model

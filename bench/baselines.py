@@ -33,7 +33,7 @@ def prediction_table(uris: list[str], scores: np.ndarray, indices: np.ndarray, c
 
 def list_uris(images_dir: str) -> list[str]:
     """The same files, in the same order, that classify-images lists."""
-    from tasks.manifest import list_images
+    from tasks.images.manifest import list_images
 
     return list_images(images_dir).column("uri").to_pylist()
 
@@ -41,8 +41,8 @@ def list_uris(images_dir: str) -> list[str]:
 def load_classifier(model_dir: str, device: str, gpu_memory_gb: float | None):
     """a2k's own model loader (fp16 channels_last on CUDA, fp32 on the CPU), under the same memory cap as a2k.
     Returns (classifier, ballast): keep the ballast alive while measuring."""
-    from a2k.devices import resolve_device
-    from tasks.classify import Classifier, limit_gpu_memory
+    from tasks.devices import resolve_device
+    from tasks.classify.infer import Classifier, limit_gpu_memory
 
     dev = resolve_device(device)
     ballast = limit_gpu_memory(dev, gpu_memory_gb) if gpu_memory_gb and dev.is_cuda else None
@@ -115,7 +115,7 @@ def run_naive_loop(images_dir: str, model_dir: str, output: str, batch_size: int
                    hw_decoder_load: float, num_threads: int | None, gpu_memory_gb: float | None) -> dict:
     """Read a batch of files, decode it with a2k's DALI decoder, run the model, write it; then the next batch.
     No prefetch, no overlap, no Prefect. DALI and the model are warmed on the first batch before timing."""
-    from tasks.decode import ImageDecoder
+    from tasks.images.decode import ImageDecoder
 
     uris = list_uris(images_dir)
     classifier, _ballast = load_classifier(model_dir, device, gpu_memory_gb)

@@ -22,11 +22,11 @@ def _read_all(uris: list[str]) -> list[np.ndarray]:
 
 
 def _build_pipeline(pre, device, batch_size: int, num_threads: int, hw_decoder_load: float):
-    """tasks.decode's own graph (external source "encoded" -> decoders.image -> resize -> crop_mirror_normalize),
+    """tasks.images.decode's own graph (external source "encoded" -> decoders.image -> resize -> crop_mirror_normalize),
     asynchronous and pipelined with a prefetch queue, so the CPU and GPU stages of consecutive batches overlap."""
     from nvidia.dali import pipeline_def
 
-    from tasks.decode import _image_pipeline
+    from tasks.images.decode import _image_pipeline
 
     pipe = pipeline_def(_image_pipeline)(
         pre, "mixed" if device.is_cuda else "cpu", None, hw_decoder_load,
@@ -79,10 +79,10 @@ def decode_ceiling(images_dir: str, model_dir: str, batch_size: int, device: str
     """Images/s of DALI decode alone over every listed file, bytes already in memory, once per hardware
     decoder load on CUDA (once on the CPU). The first 3 batches, fed again before the
     timed ones in the same stream, are warm-up."""
-    from a2k.devices import resolve_device
+    from tasks.devices import resolve_device
     from bench.baselines import list_uris
-    from tasks.classify import limit_gpu_memory
-    from tasks.models import read_entry
+    from tasks.classify.infer import limit_gpu_memory
+    from tasks.models.entry import read_entry
 
     dev = resolve_device(device)
     _ballast = limit_gpu_memory(dev, gpu_memory_gb) if gpu_memory_gb and dev.is_cuda else None

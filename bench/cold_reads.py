@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.read import ReadArena, load_blobs  # noqa: E402
-from tasks.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders  # noqa: E402
+from tasks.images.read import ReadArena, load_blobs  # noqa: E402
+from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders  # noqa: E402
 
 
 def drop_from_cache(paths: list[str]) -> None:

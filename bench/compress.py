@@ -32,8 +32,8 @@ def sparse_speedup(model_dir: str, batch_size: int, iters: int = 50) -> dict:
     import torch
     from torch.sparse import to_sparse_semi_structured
 
-    from tasks.compress_prune import sparse_layers
-    from tasks.models import load_model
+    from tasks.compress.prune import sparse_layers
+    from tasks.models.entry import load_model
 
     entry, model = load_model(model_dir)
     model = model.cuda().half().eval()
@@ -71,17 +71,17 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write every result to this JSON file")
     args = p.parse_args()
 
-    from a2k.devices import resolve_device
+    from tasks.devices import resolve_device
     from flows.compress_model import compress_model
     from flows.train_model import train_model
-    from tasks.compress_measure import format_table
-    from tasks.registry import get_model
+    from tasks.compress.measure import format_table
+    from tasks.models.registry import get_model
 
     work = Path(tempfile.mkdtemp(prefix="a2k-bench-compress-"))
     os.environ.setdefault("A2K_HOME", str(work / "home"))
     source = args.source
     if source is None:
-        from tasks.demo_data import write_digits_dataset
+        from tasks.train.demo_data import write_digits_dataset
 
         source = str(write_digits_dataset(work / "digits"))
     device = resolve_device(args.device)

@@ -130,9 +130,10 @@ def main() -> None:
     import tempfile
 
     from bench.run_all import model_dir_for
-    from tasks.classify import RunContext, ShardClassifier
-    from tasks.decode import ImageDecoder
-    from tasks.read import ReadArena, check_header, load_blobs
+    from tasks.classify.plan import RunContext
+    from tasks.classify.shard import ShardClassifier
+    from tasks.images.decode import ImageDecoder
+    from tasks.images.read import ReadArena, check_header, load_blobs
 
     files = sorted(str(f) for f in args.source.rglob("*") if f.suffix.lower() in (".jpeg", ".jpg"))
     uris = (files * (args.batch_size // len(files) + 1))[: args.batch_size]
@@ -171,7 +172,7 @@ def main() -> None:
     if worker.decode_stream is not None:  # as in a shard run: decode on its stream and thread, the model beside it
         import torch
 
-        from tasks.decode import STREAM_DEPTH
+        from tasks.images.decode import STREAM_DEPTH
 
         def decode_shard() -> None:
             with torch.cuda.stream(worker.decode_stream):

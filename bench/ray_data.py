@@ -58,9 +58,9 @@ def run_ray_data(images_dir: str, model_dir: str, output_root: str, batch_size: 
     import ray
     import torch
 
-    from a2k.devices import resolve_device
+    from tasks.devices import resolve_device
     from bench.baselines import list_uris
-    from tasks.models import read_entry
+    from tasks.models.entry import read_entry
 
     dev = resolve_device(device)
     gpus = torch.cuda.device_count() if dev.is_cuda else 0

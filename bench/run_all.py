@@ -246,7 +246,7 @@ def model_dir_for(spec: str, workdir: Path) -> tuple[str, str]:
         return path.name, str(path.resolve())
     import torch
 
-    from tasks.models import build_model, default_preprocessing, list_architectures, save_model_dir
+    from tasks.models.entry import build_model, default_preprocessing, list_architectures, save_model_dir
 
     if spec not in list_architectures():
         raise SystemExit(f"--model {spec!r} is neither a model directory (with model.json) nor an architecture; "
@@ -418,7 +418,7 @@ def _plan(args, images: str, models: list[tuple[str, str]]) -> list[tuple[str, s
     loads = sorted({*DECODE_LOADS, args.hw_decoder_load}, reverse=True)
     plan = []
     seen_pre = set()
-    from tasks.models import read_entry
+    from tasks.models.entry import read_entry
 
     for label, mdir in models:
         pre = json.dumps(read_entry(mdir).preprocessing.to_dict(), sort_keys=True)

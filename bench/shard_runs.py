@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import a2k  # noqa: E402,F401  (its CUDA settings, before CUDA starts)
+import tasks  # noqa: E402,F401  (its CUDA settings, before CUDA starts)
 
 
 def _cpu_times() -> tuple[float, float, dict[str, float]]:
@@ -81,8 +81,9 @@ def _cpu_report(before: tuple[float, float, dict[str, float]], wall: float) -> s
 
 def main(argv: list[str] | None = None) -> None:
     from bench.run_all import model_dir_for, replicate
-    from tasks.classify import RunContext, ShardClassifier
-    from tasks.manifest import list_images
+    from tasks.classify.plan import RunContext
+    from tasks.classify.shard import ShardClassifier
+    from tasks.images.manifest import list_images
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, required=True, help="folder of images to replicate")
@@ -112,15 +113,15 @@ def main(argv: list[str] | None = None) -> None:
         replicate(args.source, images, args.files, link=True)
     _, model_dir = model_dir_for(args.model, args.workdir)
     if args.stream_depth:
-        import tasks.classify
-        from tasks.decode import ImageDecoder
+        import tasks.classify.shard
+        from tasks.images.decode import ImageDecoder
 
         ImageDecoder.decode_stream.__defaults__ = (args.stream_depth,)
-        tasks.classify.ARENAS = tasks.classify.READ_AHEAD + args.stream_depth + 1
+        tasks.classify.shard.ARENAS = tasks.classify.shard.READ_AHEAD + args.stream_depth + 1
     if args.compile:
-        import tasks.classify
+        import tasks.classify.shard
 
-        tasks.classify.Classifier = functools.partial(tasks.classify.Classifier, compile_mode=args.compile)
+        tasks.classify.shard.Classifier = functools.partial(tasks.classify.shard.Classifier, compile_mode=args.compile)
     if args.blocking_sync:  # every event the run creates, the model's wait for its top k included
         import torch
 

@@ -18,18 +18,19 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from a2k.devices import resolve_device
+from tasks.devices import resolve_device
 from flows.params import (
     BatchSize, DaskAddress, DaskWorkers, DeviceSpec, GpuMemoryGb, HwDecoderLoad, ShardSize, TaskRunnerChoice, Threads,
     TopK,
 )
-from tasks.classify import RunContext, ShardOutcome, classify_shard_task
-from tasks.commit import PlannedShard, RunPlan, commit_run, plan_run, resumed_outcome, shard_table, summary_markdown
-from tasks.manifest import list_images_task
-from tasks.models import read_entry
-from tasks.registry import resolve_model
+from tasks.classify.commit import commit_run, shard_table, summary_markdown
+from tasks.classify.plan import PlannedShard, RunContext, RunPlan, ShardOutcome, plan_run, resumed_outcome
+from tasks.classify.prefect_tasks import classify_shard_task
+from tasks.images.prefect_tasks import list_images_task
+from tasks.models.entry import read_entry
+from tasks.models.registry import resolve_model
 from tasks.runner import GPU_LIMIT, TaskRunnerKind, ensure_gpu_limit, gpu_slot, make_task_runner
-from tasks.sink import part_name
+from tasks.classify.sink import part_name
 from tasks.storage import filesystem, full_url, is_url, redact
 
 MANIFEST_FILE = "_a2k/manifest.parquet"  # under "_", so dataset readers and "*.parquet" globs skip it

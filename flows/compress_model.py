@@ -13,17 +13,19 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from a2k.devices import resolve_device
-from a2k.home import a2k_home
+from tasks.devices import resolve_device
+from tasks.home import a2k_home
 from flows.classify_images import classify_images
 from flows.params import BatchSize, DeviceSpec, Threads
-from tasks.compress import check_supported, check_target, device_capability, parse_chain
-from tasks.compress_apply import compress_task, recorded_splits
-from tasks.compress_measure import check_fits, comparison_rows, decide, format_table, measure_task
-from tasks.evaluate import evaluate_predictions
-from tasks.models import Status, read_entry, save_entry
-from tasks.registry import SCHEME, check_alias, fetch_model, get_model, register_model_task, set_alias
-from tasks.targets import get_target
+from tasks.compress.recipes import check_supported, check_target, device_capability, parse_chain
+from tasks.compress.apply import recorded_splits
+from tasks.compress.measure import check_fits, comparison_rows, decide, format_table
+from tasks.compress.prefect_tasks import compress_task, measure_task
+from tasks.train.evaluate import evaluate_predictions
+from tasks.models.entry import Status, read_entry, save_entry
+from tasks.models.prefect_tasks import register_model_task
+from tasks.models.registry import SCHEME, check_alias, fetch_model, get_model, set_alias
+from tasks.compress.targets import get_target
 
 
 class CompressModelConfig(BaseModel):

@@ -8,13 +8,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from a2k.home import demo_dir
+from tasks.home import demo_dir
 from flows.classify_images import classify_images
 from flows.params import DeviceSpec, Epochs
 from flows.train_model import train_model
-from tasks.demo_data import write_digits_dataset
-from tasks.evaluate import accuracy_from_predictions
-from tasks.registry import set_alias
+from tasks.train.demo_data import write_digits_dataset
+from tasks.train.evaluate import accuracy_from_predictions
+from tasks.models.registry import set_alias
 
 
 @task(name="write-digits-dataset", cache_policy=NO_CACHE)

@@ -14,11 +14,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from a2k.home import a2k_home
+from tasks.home import a2k_home
 from flows.classify_images import classify_images
 from flows.params import BatchSize, DeviceSpec
-from tasks.evaluate import draw_confusion_matrix, evaluate_predictions, evaluation_table
-from tasks.registry import SCHEME, get_model, recorded_test_split, write_version_file
+from tasks.train.evaluate import draw_confusion_matrix, evaluate_predictions, evaluation_table
+from tasks.models.registry import SCHEME, get_model, recorded_test_split, write_version_file
 
 
 @task(name="score-evaluation", cache_policy=NO_CACHE)

@@ -8,10 +8,9 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from a2k.home import a2k_home
-from tasks.importers import import_classifier_task
-from tasks.preprocess import Preprocessing
-from tasks.registry import register_model_task
+from tasks.home import a2k_home
+from tasks.models.prefect_tasks import import_classifier_task, register_model_task
+from tasks.images.preprocess import Preprocessing
 
 
 @flow(name="import-model")

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-from a2k.devices import check_device_spec
+from tasks.devices import check_device_spec
 from tasks.runner import TaskRunnerKind
 
 BatchSize = Annotated[int, Field(ge=1, le=8192, description="images per GPU/CPU batch")]

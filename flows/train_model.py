@@ -11,13 +11,14 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from a2k.devices import resolve_device
-from a2k.home import a2k_home
+from tasks.devices import resolve_device
+from tasks.home import a2k_home
 from flows.params import BatchSize, DeviceSpec, Epochs, Fraction, Threads
-from tasks.models import check_model_name, default_preprocessing, list_architectures
-from tasks.preprocess import Preprocessing
-from tasks.registry import register_model_task
-from tasks.train import TrainConfig, split_dataset_task, train_classifier_task
+from tasks.models.entry import check_model_name, default_preprocessing, list_architectures
+from tasks.images.preprocess import Preprocessing
+from tasks.models.prefect_tasks import register_model_task
+from tasks.train.prefect_tasks import split_dataset_task, train_classifier_task
+from tasks.train.train import TrainConfig
 
 
 class TrainModelConfig(BaseModel):

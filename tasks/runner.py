@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from enum import Enum
 from typing import Any
 
-from a2k.devices import Device
+from tasks.devices import Device
 
 GPU_LIMIT = "gpu"  # global concurrency limit: one slot per card, shared by every flow that uses a card
 
@@ -25,7 +25,7 @@ def make_task_runner(kind: TaskRunnerKind | str, dask_address: str | None, devic
 
     Dask without an address starts a temporary cluster: `dask_cuda.LocalCUDACluster` (one worker per visible GPU)
     on CUDA, else a `LocalCluster` of `dask_workers` processes. Every worker runs one task at a time, so the model
-    and the DALI pipeline a worker process keeps (see `tasks.classify.shard_classifier`) serve one shard at a time.
+    and the DALI pipeline a worker process keeps (see `tasks.classify.shard.shard_classifier`) serve one shard at a time.
     """
     kind = TaskRunnerKind(kind)
     if kind is TaskRunnerKind.LOCAL:
@@ -46,7 +46,7 @@ def make_task_runner(kind: TaskRunnerKind | str, dask_address: str | None, devic
                              "the workers are the scheduler's: give one or the other")
         return DaskTaskRunner(address=dask_address)
     # the cluster's worker processes may start processes of their own: a shard reads local files in worker
-    # processes (tasks.read_procs), which a daemonic process may not have; Dask makes them daemonic by default
+    # processes (tasks.images.read_procs), which a daemonic process may not have; Dask makes them daemonic by default
     import dask
 
     dask.config.set({"distributed.worker.daemon": False})

@@ -68,7 +68,7 @@ def truncated_jpeg(tmp_path) -> bytes:
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
-    from tasks.demo_data import write_digits_dataset
+    from tasks.train.demo_data import write_digits_dataset
 
     return write_digits_dataset(tmp_path_factory.mktemp("digits") / "digits")
 
@@ -76,7 +76,7 @@ def digits_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def seed_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised seed-cnn for two classes (its predictions are arbitrary but deterministic)."""
-    from tasks.models import build_model, default_preprocessing, save_model_dir
+    from tasks.models.entry import build_model, default_preprocessing, save_model_dir
 
     torch.manual_seed(0)
     pre = default_preprocessing("seed-cnn")

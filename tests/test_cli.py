@@ -5,7 +5,7 @@ import json
 import pytest
 
 from a2k.cli import main
-from tasks.registry import get_model, register_model
+from tasks.models.registry import get_model, register_model
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from prefect.exceptions import ParameterTypeError
 
 from flows.classify_images import classify_images
-from tasks.sink import PREDICTION_SCHEMA
+from tasks.classify.sink import PREDICTION_SCHEMA
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_unwritable_output_is_refused(photos_dir, seed_model_dir, tmp_path):
 
 def test_a_registry_reference_is_resolved_once_and_recorded_in_every_row(photos_dir, seed_model_dir, tmp_path,
                                                                         registry_root):
-    from tasks.registry import register_model, set_alias
+    from tasks.models.registry import register_model, set_alias
 
     first = register_model(seed_model_dir, "seed", registry_root)
     register_model(seed_model_dir, "seed", registry_root)

@@ -8,7 +8,7 @@ import pytest
 import s3fs
 
 from flows.classify_images import classify_images
-from tasks.sink import PREDICTION_SCHEMA
+from tasks.classify.sink import PREDICTION_SCHEMA
 from tasks.storage import write_parquet
 
 SECRET = "a2k-secret-3f9c1e7b2d"

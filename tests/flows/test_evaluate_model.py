@@ -6,7 +6,7 @@ from prefect.artifacts import Artifact
 
 from flows.evaluate_model import evaluate_model
 from flows.train_model import train_model
-from tasks.registry import get_model, list_evaluations
+from tasks.models.registry import get_model, list_evaluations
 from tasks.storage import filesystem
 
 

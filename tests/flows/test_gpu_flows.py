@@ -38,7 +38,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, caplog):
     import torch
 
     from bench.run_all import model_dir_for
-    from tasks.classify import shard_classifier
+    from tasks.classify.shard import shard_classifier
     from tests.conftest import photo_paths
 
     images = tmp_path / "images"
@@ -47,7 +47,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, caplog):
         src = photo_paths(64)[i % 64]
         shutil.copy(src, images / f"{i:04d}_{src.name}")
     _, model = model_dir_for("resnet50", tmp_path)
-    with caplog.at_level(logging.WARNING, logger="tasks.classify"):
+    with caplog.at_level(logging.WARNING, logger="tasks.classify.shard"):
         summary = classify_images(input=str(images), output=str(tmp_path / "out"), model=str(model), device="cuda",
                                   batch_size=512, gpu_memory_gb=1.5)
     assert summary["predicted"] == 512 and summary["errors"] == 0

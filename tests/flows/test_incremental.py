@@ -10,9 +10,9 @@ import pytest
 import s3fs
 
 from flows.classify_images import MANIFEST_FILE, WORK_FILE, classify_images
-from tasks.commit import plan_run
-from tasks.manifest import list_images, write_manifest
-from tasks.models import read_entry
+from tasks.classify.plan import plan_run
+from tasks.images.manifest import list_images, write_manifest
+from tasks.models.entry import read_entry
 from tests.conftest import photo_paths
 
 

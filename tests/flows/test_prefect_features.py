@@ -14,7 +14,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Failed
 from s3fs.errors import translate_boto_error
 
-from a2k.devices import Device, resolve_device
+from tasks.devices import Device, resolve_device
 from flows.classify_images import classify_images
 from tasks.runner import GPU_LIMIT, card_limit_name, ensure_limit, gpu_slot, is_transient_error, retry_on_transient
 

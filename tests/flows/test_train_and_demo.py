@@ -7,7 +7,7 @@ import pytest
 
 from flows.demo import demo
 from flows.train_model import train_model
-from tasks.registry import get_model
+from tasks.models.registry import get_model
 
 
 def test_demo_trains_on_real_digits_and_reaches_95_percent_measured_from_the_parquet(tmp_path):

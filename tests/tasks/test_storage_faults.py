@@ -4,7 +4,7 @@ botocore, they must still count as done once, not twice and not as someone else'
 import pytest
 import s3fs
 
-from tasks.registry import Registry
+from tasks.models.registry import Registry
 from tasks.storage import create_exclusive
 from tests.s3_faults import Fault, FaultyS3Proxy
 

@@ -1,0 +1,57 @@
+"""The Prefect task of the classify package: one shard, classified and committed."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.classify.plan import RunContext, ShardOutcome
+from tasks.classify.shard import classify_shard, shard_classifier
+from tasks.classify.sink import part_name, remove_shard_parts
+from tasks.devices import resolve_device
+from tasks.images.manifest import Shard
+from tasks.runner import gpu_slot, retry_on_transient
+
+
+@task(
+    name="classify-shard",
+    cache_policy=NO_CACHE,  # the committed part is the cache: the flow skips a shard whose part is in place
+    retries=3,
+    retry_delay_seconds=[2, 4, 8],  # exponential back-off, with jitter below
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_on_transient,  # storage and network hiccups only; bad data is an errors row already
+)
+def classify_shard_task(
+    manifest_path: str,
+    shard: Shard,
+    output: str,
+    key: str,
+    model_dir: str,
+    weights_sha256: str,
+    device: str,
+    batch_size: int,
+    num_threads: int | None,
+    hw_decoder_load: float,
+    ctx: RunContext,
+    gpu_memory_gb: float | None = None,
+    take_gpu_slot: bool = True,
+) -> ShardOutcome:
+    """Classify and commit one shard. On CUDA it holds a slot of `gpu` and of its card while it runs, unless the
+    caller holds them for it (`take_gpu_slot=False`: the flow, for a whole in-process run)."""
+    dev = resolve_device(device)
+    with gpu_slot(dev) if take_gpu_slot else contextlib.nullcontext([]) as slots:
+        worker = shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
+                                  gpu_memory_gb)
+        remove_shard_parts(output, part_name(key))  # what an earlier, failed attempt left
+        outcome = classify_shard(manifest_path, shard, output, key, worker, ctx)
+    n = outcome.predicted + outcome.errors
+    get_run_logger().info(
+        "shard %d: %d images, %d predicted, %d errors, %.0f images/s (decode+infer %.2fs: %s; write %.2fs) on %s, "
+        "local files read by %s%s",
+        shard.index, n, outcome.predicted, outcome.errors, n / max(outcome.decode_infer_seconds, 1e-9),
+        outcome.decode_infer_seconds, outcome.waits, outcome.write_seconds, worker.device, outcome.reading,
+        f" holding concurrency slots {', '.join(slots)}" if slots else "",
+    )
+    return outcome

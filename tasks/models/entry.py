@@ -1,0 +1,328 @@
+"""Classifier architectures and the model directory format (model.json + weights.safetensors).
+
+A model directory is self-describing, like torchvision's `Weights` and timm's `PretrainedCfg`: the
+entry names the architecture, the class names, the preprocessing and the weights' sha256, and
+loading checks the digest and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tasks.images.preprocess import Preprocessing
+
+FORMAT = "a2k.model/1"
+ENTRY_FILE = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class WeightsFormat(str, Enum):
+    """How a model's file is stored; each has one loader in `_LOADERS`."""
+
+    STATE_DICT = "safetensors"  # a registered architecture + its state dict in safetensors
+    TORCHSCRIPT = "torchscript"  # a TorchScript archive (architecture inside; no Python pickle)
+    EXPORTED_PROGRAM = "torch.export"  # a torch.export program (.pt2)
+    INT8_WEIGHTS = "safetensors-int8"  # a state dict with int8 weights + per-channel scales, dequantized at load
+
+
+class Status(str, Enum):
+    READY = "ready"
+    REJECTED = "rejected"
+    ARCHIVED = "archived"
+
+_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+_DEFAULT_PREPROCESSING: dict[str, Preprocessing] = {}
+
+
+def register_architecture(name: str, preprocessing: Preprocessing) -> Callable:
+    """Decorator: make a model builder `(num_classes, in_channels, image_size) -> nn.Module` available by name."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _ARCHITECTURES:
+            raise ValueError(f"architecture {name!r} is already registered")
+        _ARCHITECTURES[name] = builder
+        _DEFAULT_PREPROCESSING[name] = preprocessing
+        return builder
+
+    return wrap
+
+
+def list_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"architecture {arch!r} is not known; available: {', '.join(list_architectures())}")
+
+
+def default_preprocessing(arch: str) -> Preprocessing:
+    _check_arch(arch)
+    return _DEFAULT_PREPROCESSING[arch]
+
+
+def build_model(arch: str, num_classes: int, pre: Preprocessing) -> nn.Module:
+    """A freshly initialised `arch` for `num_classes` classes and the input `pre` produces (no download)."""
+    _check_arch(arch)
+    if num_classes < 2:
+        raise ValueError(f"num_classes {num_classes!r} must be at least 2")
+    return _ARCHITECTURES[arch](num_classes=num_classes, in_channels=pre.channels, image_size=pre.crop)
+
+
+class SeedCNN(nn.Module):
+    """The origin document's classifier: 3 x (conv 3x3 + ReLU + 2x2 max-pool) at 32/64/128 channels,
+    flatten, dense 128 + ReLU, dense to the classes."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32) -> None:
+        super().__init__()
+        if image_size < 8:
+            raise ValueError(f"seed-cnn needs images of at least 8x8 pixels, not {image_size}")
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for width in (32, 64, 128):
+            blocks += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            channels = width
+        self.features = nn.Sequential(*blocks)
+        side = image_size // 8
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(128 * side * side, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+register_architecture("seed-cnn", Preprocessing(resize=36, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3))(SeedCNN)
+
+
+def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    def build(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+        import torchvision
+
+        if in_channels != 3:
+            raise ValueError(f"architecture {name!r} takes 3 input channels, not {in_channels}")
+        return getattr(torchvision.models, name.replace("-", "_"))(weights=None, num_classes=num_classes)
+
+    return build
+
+
+for _name in ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0"):
+    register_architecture(_name, Preprocessing())(_torchvision_builder(_name))
+
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_model_name(name: str) -> str:
+    if not _NAME_PATTERN.match(name) or ".." in name:
+        raise ValueError(
+            f"model name {name!r} is not allowed; use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What model.json holds: enough to rebuild, check, preprocess for and label a classifier."""
+
+    name: str
+    version: str
+    architecture: str
+    class_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    weights_sha256: str
+    weights_bytes: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    weights_format: WeightsFormat = WeightsFormat.STATE_DICT
+    weights_file: str = WEIGHTS_FILE
+    status: Status = Status.READY
+    status_reason: str = ""
+
+    def __post_init__(self) -> None:
+        check_model_name(self.name)
+        object.__setattr__(self, "weights_format", WeightsFormat(self.weights_format))
+        object.__setattr__(self, "status", Status(self.status))
+        if self.weights_format in (WeightsFormat.STATE_DICT, WeightsFormat.INT8_WEIGHTS):
+            _check_arch(self.architecture)
+        if "/" in self.weights_file or self.weights_file.startswith("."):
+            raise ValueError(f"weights file {self.weights_file!r} must be a plain file name")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names must hold at least 2 distinct names, got {list(self.class_names)[:10]}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        c, h, w = self.preprocessing.input_shape
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "architecture": self.architecture,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing.to_dict(),
+            "input_signature": {"shape": [None, c, h, w], "layout": "NCHW", "dtype": "float32"},
+            "weights": {"file": self.weights_file, "format": self.weights_format.value, "sha256": self.weights_sha256,
+                        "bytes": self.weights_bytes},
+            "metrics": self.metrics,
+            "lineage": self.lineage,
+            "created_at": self.created_at,
+            "status": self.status.value,
+            "status_reason": self.status_reason,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelEntry":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"model entry format {d.get('format')!r} is not {FORMAT!r}")
+        return cls(
+            name=d["name"],
+            version=str(d["version"]),
+            architecture=d["architecture"],
+            class_names=tuple(d["class_names"]),
+            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            weights_sha256=d["weights"]["sha256"],
+            weights_bytes=int(d["weights"]["bytes"]),
+            metrics=d.get("metrics", {}),
+            lineage=d.get("lineage", {}),
+            created_at=d.get("created_at", ""),
+            weights_format=d["weights"].get("format", WeightsFormat.STATE_DICT.value),
+            weights_file=d["weights"].get("file", WEIGHTS_FILE),
+            status=d.get("status", Status.READY.value),
+            status_reason=d.get("status_reason", ""),
+        )
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_model_dir(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    name: str,
+    version: str,
+    architecture: str,
+    class_names: list[str],
+    preprocessing: Preprocessing,
+    metrics: dict[str, float] | None = None,
+    lineage: dict[str, Any] | None = None,
+) -> ModelEntry:
+    """Write weights.safetensors, then model.json naming its digest; model.json last marks it complete."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    return write_entry(directory, name=name, version=version, architecture=architecture, class_names=class_names,
+                       preprocessing=preprocessing, metrics=metrics, lineage=lineage)
+
+
+def write_entry(directory: str | os.PathLike, *, weights_file: str = WEIGHTS_FILE,
+                weights_format: WeightsFormat = WeightsFormat.STATE_DICT, **fields: Any) -> ModelEntry:
+    """Digest the weights file already in `directory` and write model.json for it (atomically, last)."""
+    directory = Path(directory)
+    weights = directory / weights_file
+    entry = ModelEntry(
+        weights_sha256=sha256_file(weights),
+        weights_bytes=weights.stat().st_size,
+        weights_file=weights_file,
+        weights_format=weights_format,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **{**fields, "class_names": tuple(fields["class_names"]), "metrics": dict(fields.get("metrics") or {}),
+           "lineage": dict(fields.get("lineage") or {})},
+    )
+    save_entry(directory, entry)
+    return entry
+
+
+def save_entry(directory: str | os.PathLike, entry: ModelEntry) -> None:
+    tmp = Path(directory) / f".{ENTRY_FILE}.tmp"
+    tmp.write_text(json.dumps(entry.to_dict(), indent=2) + "\n")
+    os.replace(tmp, Path(directory) / ENTRY_FILE)
+
+
+def read_entry(directory: str | os.PathLike) -> ModelEntry:
+    path = Path(directory) / ENTRY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} is not a model directory: it has no {ENTRY_FILE}")
+    return ModelEntry.from_dict(json.loads(path.read_text()))
+
+
+def verify_weights(directory: str | os.PathLike, entry: ModelEntry) -> Path:
+    """The weights file, after checking it is there and its sha256 is the entry's."""
+    weights = Path(directory) / entry.weights_file
+    if not weights.is_file():
+        raise FileNotFoundError(f"model {entry.name} version {entry.version}: {entry.weights_file} is missing in {directory}")
+    actual = sha256_file(weights)
+    if actual != entry.weights_sha256:
+        raise ValueError(
+            f"model {entry.name} version {entry.version}: weights sha256 {actual[:12]}… does not match "
+            f"the entry's {entry.weights_sha256[:12]}…; the file is truncated or altered"
+        )
+    return weights
+
+
+def _load_state_dict(entry: ModelEntry, weights: Path) -> nn.Module:
+    model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model
+
+
+INT8_SCALE_PREFIX = "__int8_scale__."  # the scale of int8 tensor K is stored under INT8_SCALE_PREFIX + K
+
+
+def _load_int8_weights(entry: ModelEntry, weights: Path) -> nn.Module:
+    """int8 tensors with a per-output-channel scale are dequantized (q * scale) before loading."""
+    stored = load_file(str(weights))
+    scales = {k[len(INT8_SCALE_PREFIX):]: v for k, v in stored.items() if k.startswith(INT8_SCALE_PREFIX)}
+    state = {k: v.float() * scales[k].view(-1, *[1] * (v.dim() - 1)) if k in scales else v
+             for k, v in stored.items() if not k.startswith(INT8_SCALE_PREFIX)}
+    model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _load_torchscript(entry: ModelEntry, weights: Path) -> nn.Module:
+    return torch.jit.load(str(weights), map_location="cpu")
+
+
+def _load_exported_program(entry: ModelEntry, weights: Path) -> nn.Module:
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers the int8 (quantized_decomposed) ops
+    return torch.export.load(str(weights)).module()  # captured in eval mode; its module refuses .eval()
+
+
+_LOADERS: dict[WeightsFormat, Callable[[ModelEntry, Path], nn.Module]] = {
+    WeightsFormat.STATE_DICT: _load_state_dict,
+    WeightsFormat.TORCHSCRIPT: _load_torchscript,
+    WeightsFormat.EXPORTED_PROGRAM: _load_exported_program,
+    WeightsFormat.INT8_WEIGHTS: _load_int8_weights,
+}
+
+
+def load_model(directory: str | os.PathLike) -> tuple[ModelEntry, nn.Module]:
+    """Rebuild the model from its entry and its weights, after checking the weights' sha256. Never unpickles."""
+    entry = read_entry(directory)
+    model = _LOADERS[entry.weights_format](entry, verify_weights(directory, entry))
+    return entry, model if entry.weights_format is WeightsFormat.EXPORTED_PROGRAM else model.eval()

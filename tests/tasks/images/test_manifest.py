@@ -1,0 +1,113 @@
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.images.manifest import list_images, make_shards, write_manifest
+
+
+def _touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_lists_image_suffixes_recursively_case_insensitively_and_sorted(tmp_path):
+    for rel in ["b/z.JPG", "a/y.png", "a/sub/x.WebP", "top.tiff", "a/notes.txt", "a/.hidden.jpg", "c/q.Bmp", "c/r.tif",
+                "c/s.jpeg"]:
+        _touch(tmp_path / rel)
+    table = list_images(tmp_path)
+    rel = [os.path.relpath(u, tmp_path) for u in table.column("uri").to_pylist()]
+    assert rel == ["a/sub/x.WebP", "a/y.png", "b/z.JPG", "c/q.Bmp", "c/r.tif", "c/s.jpeg", "top.tiff"]
+    assert table.column("bytes").to_pylist() == [1] * 7
+
+
+def test_links_to_files_are_listed_but_links_to_folders_and_dangling_links_are_not(tmp_path):
+    _touch(tmp_path / "src" / "a.jpg")
+    _touch(tmp_path / "elsewhere" / "b.jpg")
+    (tmp_path / "src" / "linked.jpg").symlink_to(tmp_path / "src" / "a.jpg")
+    (tmp_path / "src" / "gone.jpg").symlink_to(tmp_path / "src" / "missing.jpg")
+    (tmp_path / "src" / "folder.jpg").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    table = list_images(tmp_path / "src")
+    assert [os.path.basename(u) for u in table.column("uri").to_pylist()] == ["a.jpg", "linked.jpg"]
+
+
+def test_a_subfolder_that_cannot_be_read_is_logged_and_the_rest_listed(tmp_path, caplog, monkeypatch):
+    _touch(tmp_path / "ok" / "a.jpg")
+    _touch(tmp_path / "locked" / "b.jpg")
+    scandir = os.scandir
+
+    def refuse_locked(path):  # chmod 0 stops no one when the tests run as root: refuse as the kernel would
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    table = list_images(tmp_path)
+    assert [os.path.basename(u) for u in table.column("uri").to_pylist()] == ["a.jpg"]
+    assert "skipped folder" in caplog.text and "locked: Permission denied" in caplog.text
+
+
+def test_label_comes_from_the_class_folder_only_at_class_depth(tmp_path):
+    _touch(tmp_path / "cat" / "1.jpg")
+    _touch(tmp_path / "cat" / "deeper" / "2.jpg")
+    _touch(tmp_path / "3.jpg")
+    labels = dict(zip([os.path.relpath(u, tmp_path) for u in list_images(tmp_path).column("uri").to_pylist()],
+                      list_images(tmp_path).column("label").to_pylist()))
+    assert labels == {"cat/1.jpg": "cat", "cat/deeper/2.jpg": None, "3.jpg": None}
+
+
+def test_parquet_manifest_of_bare_uris_is_completed_from_the_files(tmp_path, photos_dir):
+    listed = list_images(photos_dir)
+    bare = pa.table({"uri": list(reversed(listed.column("uri").to_pylist()))})
+    pq.write_table(bare, tmp_path / "m.parquet")
+    again = list_images(tmp_path / "m.parquet")
+    assert again.column("uri").to_pylist() == listed.column("uri").to_pylist()
+    assert again.column("bytes").to_pylist() == listed.column("bytes").to_pylist()
+    assert again.column("label").null_count == again.num_rows
+
+
+def test_manifest_round_trip_keeps_labels(tmp_path, photos_dir):
+    listed = list_images(photos_dir)
+    write_manifest(listed, tmp_path / "m.parquet")
+    assert list_images(tmp_path / "m.parquet").equals(listed)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "missing", "does not exist"),
+        (lambda p: (p / "a.txt").write_text("x") and p / "a.txt", "not a .parquet manifest"),
+        (lambda p: pq.write_table(pa.table({"path": ["a"]}), p / "m.parquet") or p / "m.parquet", "no 'uri' column"),
+        (lambda p: pq.write_table(pa.table({"uri": ["a", "a"]}), p / "d.parquet") or p / "d.parquet", "more than once"),
+    ],
+)
+def test_bad_inputs_are_refused_with_the_reason(tmp_path, make, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        list_images(make(tmp_path))
+
+
+@pytest.mark.parametrize("shard_size", [1, 3, 4, 9, 100])
+def test_shards_cover_every_row_exactly_once(photos_dir, shard_size):
+    table = list_images(photos_dir)
+    shards = make_shards(table, shard_size)
+    covered = [i for s in shards for i in range(s.start, s.stop)]
+    assert covered == list(range(table.num_rows))
+    assert all(1 <= s.size <= shard_size for s in shards)
+    assert [s.index for s in shards] == list(range(len(shards)))
+
+
+def test_shard_ids_are_deterministic_and_change_with_content(tmp_path, photos_dir):
+    first = [s.shard_id for s in make_shards(list_images(photos_dir), 4)]
+    assert first == [s.shard_id for s in make_shards(list_images(photos_dir), 4)]
+    victim = sorted(photos_dir.rglob("*.JPEG"))[0]
+    shutil.copy(victim, tmp_path / "keep")
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    changed = [s.shard_id for s in make_shards(list_images(photos_dir), 4)]
+    assert changed[0] != first[0] and changed[1:] == first[1:]
+
+
+def test_shard_size_below_one_is_refused(photos_dir):
+    with pytest.raises(ValueError, match="shard_size 0"):
+        make_shards(list_images(photos_dir), 0)

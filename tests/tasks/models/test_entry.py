@@ -1,0 +1,72 @@
+import json
+
+import pytest
+import torch
+
+from tasks.models.entry import (
+    build_model, check_model_name, default_preprocessing, list_architectures, load_model, read_entry,
+    register_architecture, save_model_dir,
+)
+from tasks.images.preprocess import Preprocessing
+
+
+def test_every_architecture_builds_and_classifies_its_input_shape():
+    for arch in list_architectures():
+        pre = default_preprocessing(arch)
+        model = build_model(arch, 3, pre).eval()
+        with torch.inference_mode():
+            assert model(torch.randn(2, *pre.input_shape)).shape == (2, 3)
+
+
+def test_save_and_load_round_trip_gives_the_same_predictions(tmp_path):
+    pre = default_preprocessing("seed-cnn")
+    model = build_model("seed-cnn", 4, pre).eval()
+    entry = save_model_dir(model, tmp_path / "m", name="m", version="1", architecture="seed-cnn",
+                           class_names=list("abcd"), preprocessing=pre, metrics={"test_accuracy": 0.5})
+    loaded_entry, loaded = load_model(tmp_path / "m")
+    assert loaded_entry == entry and read_entry(tmp_path / "m").metrics == {"test_accuracy": 0.5}
+    x = torch.randn(3, *pre.input_shape)
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded(x))
+    doc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert doc["preprocessing"]["crop"] == 32 and doc["input_signature"]["shape"] == [None, 3, 32, 32]
+
+
+def test_altered_weights_are_refused_naming_model_and_version(seed_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(seed_model_dir, copy)
+    weights = copy / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"model seed version 1: weights sha256 .* truncated or altered"):
+        load_model(copy)
+
+
+def test_unknown_and_duplicate_architectures_are_refused():
+    with pytest.raises(ValueError, match="architecture 'resnet9' is not known; available: .*seed-cnn"):
+        build_model("resnet9", 2, Preprocessing())
+    with pytest.raises(ValueError, match="already registered"):
+        register_architecture("seed-cnn", Preprocessing())(lambda **kw: None)
+
+
+def test_torchvision_architectures_refuse_grayscale_input():
+    with pytest.raises(ValueError, match="takes 3 input channels, not 1"):
+        build_model("resnet18", 2, Preprocessing(mean=(0.5,), std=(0.5,), channels=1))
+
+
+@pytest.mark.parametrize("name", ["", "../../etc", "a/b", ".hidden", "x" * 200])
+def test_model_names_that_could_escape_the_store_are_refused(name):
+    with pytest.raises(ValueError, match="model name"):
+        check_model_name(name)
+
+
+def test_preprocessing_rejects_inconsistent_settings():
+    with pytest.raises(ValueError, match="channels 2"):
+        Preprocessing(channels=2)
+    with pytest.raises(ValueError, match="crop 300 must be between 1 and resize"):
+        Preprocessing(crop=300)
+    with pytest.raises(ValueError, match="need 1 value"):
+        Preprocessing(channels=1)
+    with pytest.raises(ValueError, match="'lanczos' is not a valid Interpolation"):
+        Preprocessing(interpolation="lanczos")
