@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from tasks.compress.recipes import RECIPES, allowed_recipes
 from tasks.compress.targets import TARGETS
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("compress", help="compress a registered model (fp16, bf16, int8, prune, 2:4, export), gated "
-                                        "on its measured accuracy")
+    c = sub.add_parser("compress", help=f"compress a registered model ({', '.join(RECIPES)}), gated on its measured "
+                                        "accuracy")
     c.add_argument("ref", help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest or NAME (= @production)")
     c.add_argument("--recipe", action="append", required=True, dest="recipes", metavar="RECIPE",
-                   help="repeat to chain, in order: prune:RATIO[,epochs=N,distill=true,round_to=8], sparse-2:4, fp16, bf16, "
-                        "int8-weights, int8-static[:N], export[:N]")
+                   help=f"repeat to chain, in this order: {allowed_recipes()}")
     c.add_argument("--target", default=None, choices=sorted(TARGETS),
                    help="check the recipes are supported there and the child fits its memory at --batch-size")
     c.add_argument("--max-accuracy-drop", type=float, default=1.0, help="top-1 points the child may lose (default 1.0)")

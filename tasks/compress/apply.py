@@ -1,19 +1,116 @@
-"""Apply a recipe chain to a parent model and stage the child: the parent's recorded splits, the chain, and the
-child written in the format its chain needs (state dict, int8 state dict or torch.export program)."""
+"""Apply a recipe chain to a parent model and stage the child: each config's handler (registered beside its code),
+the parent's recorded splits, and the child written in the format its chain needs (state dict, int8 state dict or
+torch.export program)."""
 
 from __future__ import annotations
 
+import importlib
 import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
-from tasks.compress.recipes import (
-    Candidate, CompressContext, RecipeConfig, Storage, apply_recipe, same_architecture,
-)
-from tasks.models.entry import ModelEntry, WeightsFormat, save_model_dir, write_entry
+from tasks.compress.recipes import RECIPES, RecipeConfig
+from tasks.devices import Device
+from tasks.models.entry import ModelEntry, WeightsFormat, build_model, save_model_dir, write_entry
 
+
+@dataclass
+class Candidate:
+    """The model being compressed, as the chain leaves it, and the format its weights will be written in."""
+
+    module: nn.Module
+    storage: WeightsFormat = WeightsFormat.STATE_DICT
+    program: torch.export.ExportedProgram | None = None  # stored as is when set (export, int8-static)
+    files: dict[str, bytes] = field(default_factory=dict)  # extra files for the version, e.g. model.onnx
+
+
+@dataclass(frozen=True)
+class CompressContext:
+    """What handlers may need besides the model: the parent, the device, and the parent's recorded splits."""
+
+    parent_dir: Path
+    entry: ModelEntry
+    device: Device
+    batch_size: int
+    splits: dict[str, str]  # split name -> manifest URL (train, val, test) of the parent
+    num_threads: int | None = None
+
+    def split(self, name: str) -> str:
+        if name not in self.splits:
+            raise ValueError(f"{self.entry.name} v{self.entry.version} has no recorded {name} split (nor has an "
+                             f"ancestor); it has: {', '.join(self.splits) or 'none'}")
+        return self.splits[name]
+
+
+# --- the handlers: one per config type, registered where it is written ----------------------------------------------
+
+Handler = Callable[[Candidate, Any, CompressContext], dict[str, Any]]
+_HANDLERS: dict[type[RecipeConfig], Handler] = {}
+_HANDLER_MODULES = ("tasks.compress.quant", "tasks.compress.prune", "tasks.compress.export")
+
+
+def recipe_handler(config: type[RecipeConfig]) -> Callable[[Handler], Handler]:
+    """Register the decorated function as what applies `config`; a second handler for one config is refused."""
+    def register(handler: Handler) -> Handler:
+        if config in _HANDLERS:
+            raise ValueError(f"{config.__name__} already has a handler: {_HANDLERS[config].__qualname__}")
+        _HANDLERS[config] = handler
+        return handler
+    return register
+
+
+def load_handlers() -> dict[type[RecipeConfig], Handler]:
+    """Import the handler modules (which fills the table) and check every recipe has its handler."""
+    for module in _HANDLER_MODULES:
+        importlib.import_module(module)
+    missing = [c.__name__ for c in RECIPES.values() if c not in _HANDLERS]
+    if missing:
+        raise TypeError(f"no handler registered for {', '.join(missing)} in {', '.join(_HANDLER_MODULES)}")
+    return dict(_HANDLERS)
+
+
+def apply_recipe(candidate: Candidate, cfg: RecipeConfig, ctx: CompressContext) -> dict[str, Any]:
+    """Run the handler registered for the config's type; it updates `candidate` and returns its report."""
+    handlers = load_handlers()
+    if type(cfg) not in handlers:
+        raise TypeError(f"no handler for {type(cfg).__name__}; known: {', '.join(c.__name__ for c in handlers)}")
+    return {"recipe": cfg.name, **handlers[type(cfg)](candidate, cfg, ctx)}
+
+
+# --- what handlers share -------------------------------------------------------------------------------------------
+
+def sample_images(manifest_url: str, n: int, ctx: CompressContext) -> torch.Tensor:
+    """The first `n` images of a split manifest, through the ingest pipeline (reader threads + DALI), fp32 on CPU."""
+    from tasks.images.decode import ImageDecoder, decode_files
+    from tasks.storage import read_parquet
+
+    uris = read_parquet(manifest_url, columns=["uri"]).column("uri").to_pylist()[:n]
+    decoder = ImageDecoder(ctx.entry.preprocessing, ctx.device, min(ctx.batch_size, max(len(uris), 1)),
+                           ctx.num_threads)
+    with ThreadPoolExecutor(max_workers=4) as readers:
+        out = [images.float().cpu() for _, images, _ in decode_files(uris, decoder, readers) if images is not None]
+    if not out:
+        raise ValueError(f"none of the first {n} images of {manifest_url} could be decoded")
+    return torch.cat(out)
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def same_architecture(module: nn.Module, entry: ModelEntry) -> bool:
+    """Whether the module's tensors have the shapes of a fresh `entry.architecture` (i.e. a state dict loads)."""
+    ref = build_model(entry.architecture, entry.num_classes, entry.preprocessing).state_dict()
+    mine = module.state_dict()
+    return mine.keys() == ref.keys() and all(mine[k].shape == ref[k].shape for k in ref)
+
+
+# --- the child -----------------------------------------------------------------------------------------------------
 
 def save_candidate(candidate: Candidate, directory: Path, entry: ModelEntry, lineage: dict[str, Any],
                    metrics: dict[str, float] | None = None) -> ModelEntry:
@@ -21,19 +118,22 @@ def save_candidate(candidate: Candidate, directory: Path, entry: ModelEntry, lin
     from tasks.compress.export import export_program
     from tasks.compress.quant import save_int8_weights
 
+    if candidate.storage is WeightsFormat.TORCHSCRIPT:
+        raise ValueError("compression writes a state dict, int8 weights or a torch.export program, not TorchScript")
     directory.mkdir(parents=True, exist_ok=True)
     fields = dict(name=entry.name, version="0", architecture=entry.architecture, class_names=list(entry.class_names),
                   preprocessing=entry.preprocessing, metrics=metrics, lineage=lineage)
     for name, data in candidate.files.items():
         (directory / name).write_bytes(data)
     module = candidate.module.cpu()
-    if candidate.storage is Storage.PROGRAM or candidate.program is not None or not same_architecture(module, entry):
+    if (candidate.storage is WeightsFormat.EXPORTED_PROGRAM or candidate.program is not None
+            or not same_architecture(module, entry)):
         program = candidate.program or export_program(module, entry.preprocessing)
         buffer = io.BytesIO()
         torch.export.save(program, buffer)
         (directory / "model.pt2").write_bytes(buffer.getvalue())
         return write_entry(directory, weights_file="model.pt2", weights_format=WeightsFormat.EXPORTED_PROGRAM, **fields)
-    if candidate.storage is Storage.INT8_WEIGHTS:
+    if candidate.storage is WeightsFormat.INT8_WEIGHTS:
         save_int8_weights(module, directory / "weights.safetensors")
         return write_entry(directory, weights_format=WeightsFormat.INT8_WEIGHTS, **fields)
     return save_model_dir(module, directory, **fields)

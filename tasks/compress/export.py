@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.compress.recipes import Candidate, CompressContext, ExportConfig, Storage, module_dtype, sample_images
+from tasks.compress.apply import Candidate, CompressContext, module_dtype, recipe_handler, sample_images
+from tasks.compress.recipes import ExportConfig
 from tasks.images.preprocess import Preprocessing
+from tasks.models.entry import WeightsFormat
 
 MAX_BATCH = 8192
 
@@ -81,6 +83,7 @@ def onnx_runner(data: bytes):
     return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
 
 
+@recipe_handler(ExportConfig)
 def export(candidate: Candidate, cfg: ExportConfig, ctx: CompressContext) -> dict[str, Any]:
     module = candidate.module.cpu().eval()
     images = sample_images(ctx.split("test"), cfg.parity_images, ctx)
@@ -88,7 +91,7 @@ def export(candidate: Candidate, cfg: ExportConfig, ctx: CompressContext) -> dic
     report: dict[str, Any] = {"program": check_parity(module, program.module(), images, cfg.max_abs_diff,
                                                       cfg.min_agreement, "the torch.export program")}
     report["onnx"] = _onnx(candidate, module, images, cfg, ctx) if cfg.onnx else "not requested"
-    candidate.program, candidate.storage = program, Storage.PROGRAM
+    candidate.program, candidate.storage = program, WeightsFormat.EXPORTED_PROGRAM
     return report
 
 

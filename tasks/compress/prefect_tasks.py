@@ -8,9 +8,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.compress.apply import compress
+from tasks.compress.apply import CompressContext, compress
 from tasks.compress.measure import estimate_memory, measure_model
-from tasks.compress.recipes import CompressContext, recipe_from_dict
+from tasks.compress.recipes import recipe_from_dict
 from tasks.devices import resolve_device
 from tasks.models.entry import load_model, read_entry
 

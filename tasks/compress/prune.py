@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tasks.compress.recipes import Candidate, CompressContext, PruneConfig, Sparse24Config, Storage, device_capability
+from tasks.compress.apply import Candidate, CompressContext, recipe_handler
 from tasks.compress.measure import count_flops, count_parameters
-from tasks.models.entry import load_model
+from tasks.compress.recipes import PruneConfig, Sparse24Config, device_capability
+from tasks.models.entry import WeightsFormat, load_model
 from tasks.storage import read_parquet
 
 
@@ -90,13 +91,15 @@ def fine_tune(module: nn.Module, teacher: nn.Module | None, cfg: PruneConfig, ct
     return history
 
 
+@recipe_handler(PruneConfig)
 def prune(candidate: Candidate, cfg: PruneConfig, ctx: CompressContext) -> dict[str, Any]:
     module = candidate.module
     report = prune_channels(module, cfg.ratio, ctx.entry.preprocessing.input_shape, ctx.entry.num_classes,
                             cfg.round_to)
     teacher = load_model(ctx.parent_dir)[1].float() if cfg.distill else None
     report["fine_tune"] = fine_tune(module, teacher, cfg, ctx) if cfg.epochs else []
-    candidate.module, candidate.storage = module.cpu().eval(), Storage.PROGRAM  # a pruned shape: stored as a program
+    candidate.module = module.cpu().eval()
+    candidate.storage = WeightsFormat.EXPORTED_PROGRAM  # a pruned shape: stored as a program
     return report
 
 
@@ -118,6 +121,7 @@ def sparse_layers(module: nn.Module) -> list[tuple[str, nn.Linear]]:
             and m.out_features % SPARSE_ROWS == 0 and m.in_features % SPARSE_COLS == 0]
 
 
+@recipe_handler(Sparse24Config)
 def sparsify_2_4(candidate: Candidate, cfg: Sparse24Config, ctx: CompressContext) -> dict[str, Any]:
     """2:4-prune the Linear layers the sparse kernels take, and check each converts and multiplies on this card.
 

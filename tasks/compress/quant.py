@@ -10,20 +10,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tasks.compress.recipes import (
-    Bf16Config, Candidate, CompressContext, Fp16Config, Int8StaticConfig, Int8WeightsConfig, Storage,
-    device_capability, module_dtype, same_architecture, sample_images,
+from tasks.compress.apply import (
+    Candidate, CompressContext, module_dtype, recipe_handler, same_architecture, sample_images,
 )
-from tasks.models.entry import INT8_SCALE_PREFIX
+from tasks.compress.recipes import Bf16Config, Fp16Config, Int8StaticConfig, Int8WeightsConfig, device_capability
+from tasks.models.entry import INT8_SCALE_PREFIX, WeightsFormat
 
 _QUANT_OPS = ("quantized_decomposed.dequantize_per_channel", "quantized_decomposed.dequantize_per_tensor")
 
 
+@recipe_handler(Fp16Config)
 def cast_fp16(candidate: Candidate, cfg: Fp16Config, ctx: CompressContext) -> dict[str, Any]:
     candidate.module = candidate.module.half()
     return {"dtype": "float16"}
 
 
+@recipe_handler(Bf16Config)
 def cast_bf16(candidate: Candidate, cfg: Bf16Config, ctx: CompressContext) -> dict[str, Any]:
     cc = device_capability(ctx.device)
     if ctx.device.is_cuda and cc is not None and cc < 8.0:
@@ -45,6 +47,7 @@ def _quantizable(name: str, tensor: torch.Tensor) -> bool:
     return name.endswith("weight") and tensor.is_floating_point() and tensor.dim() >= 2  # conv and linear weights
 
 
+@recipe_handler(Int8WeightsConfig)
 def quantize_int8_weights(candidate: Candidate, cfg: Int8WeightsConfig, ctx: CompressContext) -> dict[str, Any]:
     """Round conv/linear weights to int8 per channel in place (so what is measured is what loads), store int8."""
     module = candidate.module.float()
@@ -62,7 +65,7 @@ def quantize_int8_weights(candidate: Candidate, cfg: Int8WeightsConfig, ctx: Com
                 layers += 1
     if layers == 0:
         raise RuntimeError(f"int8-weights found no conv or linear weight to quantize in {ctx.entry.architecture}")
-    candidate.module, candidate.storage = module, Storage.INT8_WEIGHTS
+    candidate.module, candidate.storage = module, WeightsFormat.INT8_WEIGHTS
     return {"quantized_layers": layers, "max_weight_error": max_error}
 
 
@@ -136,6 +139,7 @@ def _drop_unused_parameters(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
+@recipe_handler(Int8StaticConfig)
 def quantize_int8_static(candidate: Candidate, cfg: Int8StaticConfig, ctx: CompressContext) -> dict[str, Any]:
     if ctx.device.is_cuda:
         raise ValueError("int8-static makes an x86 CPU program; run the compression with device cpu")
@@ -143,5 +147,5 @@ def quantize_int8_static(candidate: Candidate, cfg: Int8StaticConfig, ctx: Compr
         raise ValueError("int8-static calibrates a float32 model; put it before any fp16/bf16 recipe")
     calibration = sample_images(ctx.split("train"), cfg.calibration_images, ctx)
     program, report = quantize_static(candidate.module, calibration, ctx.batch_size)
-    candidate.program, candidate.module, candidate.storage = program, program.module(), Storage.PROGRAM
+    candidate.program, candidate.module, candidate.storage = program, program.module(), WeightsFormat.EXPORTED_PROGRAM
     return report

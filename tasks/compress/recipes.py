@@ -1,27 +1,22 @@
-"""Compression recipes: frozen configs parsed from strings like `prune:0.3`, one handler each, dispatched on the
-config's type (the torchao `quantize_(model, config)` shape).
+"""Compression recipes: frozen configs parsed from strings like `prune:0.3,epochs=2`, and the checks of a chain.
 
-The handlers live in compress_quant (fp16, bf16, int8-weights, int8-static), compress_prune (prune, sparse-2:4)
-and compress_export (export); applying a chain and saving the child in compress_apply; the measurements and the
-gate in compress_measure.
+The config classes are the one statement of the recipe set: `RECIPES`, the "allowed:" text of every refusal and the
+CLI's help are derived from them. Each is applied by the handler registered for its type beside its code (quant.py,
+prune.py, export.py; see `apply.recipe_handler`). Nothing here imports torch, so the CLI can list the recipes cheaply.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import Path
-from typing import Any, ClassVar
+import functools
+import typing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
-
-from tasks.devices import Device
-from tasks.models.entry import ModelEntry, build_model
 from tasks.compress.targets import TargetProfile
+
+if TYPE_CHECKING:
+    from tasks.devices import Device
 
 
 # --- the recipes ---------------------------------------------------------------------------------------------------
@@ -34,6 +29,7 @@ class RecipeConfig:
     name: ClassVar[str]
     positional: ClassVar[str | None] = None
     devices: ClassVar[frozenset[str]] = frozenset({"cuda", "cpu"})
+    devices_reason: ClassVar[str] = ""  # said when the recipe is refused on another kind of device
     min_compute_capability: ClassVar[float | None] = None
     rank: ClassVar[int]
     precision: ClassVar[bool] = False  # sets how weights are stored: at most one such recipe in a chain
@@ -55,8 +51,7 @@ class PruneConfig(RecipeConfig):
     distill: bool = False  # add a KL term towards the parent's soft predictions
     temperature: float = 4.0
     # kept channel counts are rounded down to multiples of this: fp16 tensor-core convolutions want multiples
-    # of 8 (a ResNet-50 pruned without it ran at 0.70x its parent's speed on an H100 with half the FLOPs,
-    # bench/RESULTS.md); round_to=1 prunes exactly `ratio`
+    # of 8, or a pruned model can run slower than its parent (bench/NOTES.md); round_to=1 prunes exactly `ratio`
     round_to: int = 8
 
     def __post_init__(self) -> None:
@@ -75,6 +70,7 @@ class Sparse24Config(RecipeConfig):
 
     name: ClassVar[str] = "sparse-2:4"
     devices: ClassVar[frozenset[str]] = frozenset({"cuda"})
+    devices_reason: ClassVar[str] = "2:4 sparse kernels are CUDA tensor-core kernels"
     min_compute_capability: ClassVar[float] = 8.0
     rank: ClassVar[int] = 1
 
@@ -115,6 +111,7 @@ class Int8StaticConfig(RecipeConfig):
     name: ClassVar[str] = "int8-static"
     positional: ClassVar[str] = "calibration_images"
     devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
+    devices_reason: ClassVar[str] = "it makes an x86 CPU int8 program"
     rank: ClassVar[int] = 3
     precision: ClassVar[bool] = True
     calibration_images: int = 256
@@ -145,33 +142,43 @@ class ExportConfig(RecipeConfig):
 RECIPES: dict[str, type[RecipeConfig]] = {c.name: c for c in (
     PruneConfig, Sparse24Config, Fp16Config, Bf16Config, Int8WeightsConfig, Int8StaticConfig, ExportConfig)}
 
-# one mapping from config type to the code that applies it (imported when used)
-_HANDLERS: dict[type[RecipeConfig], str] = {
-    PruneConfig: "tasks.compress.prune:prune",
-    Sparse24Config: "tasks.compress.prune:sparsify_2_4",
-    Fp16Config: "tasks.compress.quant:cast_fp16",
-    Bf16Config: "tasks.compress.quant:cast_bf16",
-    Int8WeightsConfig: "tasks.compress.quant:quantize_int8_weights",
-    Int8StaticConfig: "tasks.compress.quant:quantize_int8_static",
-    ExportConfig: "tasks.compress.export:export",
-}
 
-_ALLOWED = ("prune:RATIO[,epochs=N,learning_rate=X,distill=true]", "sparse-2:4", "fp16", "bf16", "int8-weights",
-            "int8-static[:N]", "export[:N][,max_abs_diff=X,min_agreement=X,onnx=false]")
+# --- how a recipe is written, derived from its config --------------------------------------------------------------
 
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def recipe_usage(cls: type[RecipeConfig]) -> str:
+    """How to write the recipe and every field's default, e.g.
+    `int8-static:CALIBRATION_IMAGES[,KEY=VALUE] (defaults: calibration_images=256)`."""
+    fields = dataclasses.fields(cls)
+    if not fields:
+        return cls.name
+    defaults = [f"{f.name}={_show(f.default) if f.default is not dataclasses.MISSING else 'required'}" for f in fields]
+    positional = f":{cls.positional.upper()}" if cls.positional else ""
+    return f"{cls.name}{positional}[,KEY=VALUE] (defaults: {', '.join(defaults)})"
+
+
+def allowed_recipes() -> str:
+    """Every recipe's usage, in the order a chain takes them."""
+    return ", ".join(recipe_usage(c) for c in sorted(RECIPES.values(), key=lambda c: c.rank))
+
+
+# --- parsing and checking --------------------------------------------------------------------------------------------
 
 def parse_recipe(text: str) -> RecipeConfig:
     """`NAME`, `NAME:VALUE` or `NAME:VALUE,KEY=VALUE,...` -> its config; anything else is refused naming what is allowed."""
     name, _, rest = text.strip().partition(",")
     name, positional = (name, None) if name in RECIPES else (name.rpartition(":")[0], name.rpartition(":")[2])
     if name not in RECIPES:
-        raise ValueError(f"recipe {text!r} is not known; allowed: {', '.join(_ALLOWED)}")
+        raise ValueError(f"recipe {text!r} is not known; allowed: {allowed_recipes()}")
     cls = RECIPES[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = [f.name for f in dataclasses.fields(cls)]
     raw: dict[str, str] = {}
     if positional is not None:
         if cls.positional is None:
-            raise ValueError(f"recipe {name!r} takes no value (got {text!r}); allowed: {', '.join(_ALLOWED)}")
+            raise ValueError(f"recipe {name!r} takes no value (got {text!r}); allowed: {allowed_recipes()}")
         raw[cls.positional] = positional
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -179,19 +186,26 @@ def parse_recipe(text: str) -> RecipeConfig:
             raise ValueError(f"option {item!r} of recipe {name!r} is not KEY=VALUE with KEY one of: "
                              f"{', '.join(fields) or 'none'}")
         raw[key] = value
-    return cls(**{k: _convert(v, fields[k].type, text) for k, v in raw.items()})
+    return cls(**{key: _convert(cls, key, value, text) for key, value in raw.items()})
 
 
-def _convert(value: str, kind: Any, text: str) -> Any:
-    kind = {"int": int, "float": float, "bool": bool}.get(kind, kind)
+@functools.cache
+def _adapter(cls: type[RecipeConfig], key: str):
+    from pydantic import TypeAdapter  # here, not at the top: the CLI imports this module to list the recipes
+
+    return TypeAdapter(typing.get_type_hints(cls)[key])
+
+
+def _convert(cls: type[RecipeConfig], key: str, value: str, text: str) -> Any:
+    """The option's value as its field's annotated type, by pydantic's rules for strings (`true`, `2`, `1e-3`)."""
+    from pydantic import ValidationError
+
     try:
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1")
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"value {value!r} in recipe {text!r} is not a {kind.__name__}") from None
+        return _adapter(cls, key).validate_strings(value)
+    except ValidationError:
+        kind = getattr(typing.get_type_hints(cls)[key], "__name__", key)
+        raise ValueError(f"value {value!r} in recipe {text!r} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind} "
+                         f"(option {key!r} of recipe {cls.name!r}); allowed: {recipe_usage(cls)}") from None
 
 
 def recipe_from_dict(d: dict[str, Any]) -> RecipeConfig:
@@ -205,7 +219,7 @@ def recipe_from_dict(d: dict[str, Any]) -> RecipeConfig:
 def parse_chain(texts: list[str]) -> list[RecipeConfig]:
     """Parse and check a chain: at least one recipe, each once, in rank order, at most one precision recipe."""
     if not texts:
-        raise ValueError(f"give at least one recipe; allowed: {', '.join(_ALLOWED)}")
+        raise ValueError(f"give at least one recipe; allowed: {allowed_recipes()}")
     chain = [parse_recipe(t) for t in texts]
     names = [c.name for c in chain]
     if len(set(names)) != len(names):
@@ -227,10 +241,7 @@ def check_supported(chain: list[RecipeConfig], device_kind: str, compute_capabil
     for cfg in chain:
         if device_kind not in cfg.devices:
             raise ValueError(f"recipe {cfg.name!r} runs on {' or '.join(sorted(cfg.devices))} only; {where} is "
-                             f"{device_kind}" + (" (2:4 sparse kernels are CUDA tensor-core kernels)"
-                                                 if cfg.name == "sparse-2:4" else
-                                                 " (it makes an x86 CPU int8 program)" if cfg.name == "int8-static"
-                                                 else ""))
+                             f"{device_kind}" + (f" ({cfg.devices_reason})" if cfg.devices_reason else ""))
         need = cfg.min_compute_capability
         if device_kind == "cuda" and need is not None and (compute_capability or 0) < need:
             raise ValueError(f"recipe {cfg.name!r} needs compute capability {need} or newer (Ampere); {where} has "
@@ -244,77 +255,7 @@ def check_target(chain: list[RecipeConfig], target: TargetProfile) -> None:
 def device_capability(device: Device) -> float | None:
     if not device.is_cuda:
         return None
+    import torch
+
     major, minor = torch.cuda.get_device_capability(device.torch_device)
     return major + minor / 10
-
-
-# --- applying a chain ----------------------------------------------------------------------------------------------
-
-class Storage(str, Enum):
-    """How the child's weights are written; each has one branch in `save_candidate`."""
-
-    STATE_DICT = "state_dict"  # the architecture's own state dict (any float dtype) in safetensors
-    INT8_WEIGHTS = "int8_weights"  # int8 + per-channel scales in safetensors
-    PROGRAM = "program"  # a torch.export program: a changed architecture (pruned) or a quantized graph
-
-
-@dataclass
-class Candidate:
-    """The model being compressed, as the chain leaves it."""
-
-    module: nn.Module
-    storage: Storage = Storage.STATE_DICT
-    program: torch.export.ExportedProgram | None = None  # stored as is when set (export, int8-static)
-    files: dict[str, bytes] = field(default_factory=dict)  # extra files for the version, e.g. model.onnx
-
-
-@dataclass(frozen=True)
-class CompressContext:
-    """What handlers may need besides the model: the parent, the device, and the parent's recorded splits."""
-
-    parent_dir: Path
-    entry: ModelEntry
-    device: Device
-    batch_size: int
-    splits: dict[str, str]  # split name -> manifest URL (train, val, test) of the parent
-    num_threads: int | None = None
-
-    def split(self, name: str) -> str:
-        if name not in self.splits:
-            raise ValueError(f"{self.entry.name} v{self.entry.version} has no recorded {name} split (nor has an "
-                             f"ancestor); it has: {', '.join(self.splits) or 'none'}")
-        return self.splits[name]
-
-
-def apply_recipe(candidate: Candidate, cfg: RecipeConfig, ctx: CompressContext) -> dict[str, Any]:
-    """Run the handler registered for the config's type; it updates `candidate` and returns its report."""
-    if type(cfg) not in _HANDLERS:
-        raise TypeError(f"no handler for {type(cfg).__name__}; known: {', '.join(c.__name__ for c in _HANDLERS)}")
-    module, _, function = _HANDLERS[type(cfg)].partition(":")
-    return {"recipe": cfg.name, **getattr(importlib.import_module(module), function)(candidate, cfg, ctx)}
-
-
-def sample_images(manifest_url: str, n: int, ctx: CompressContext) -> torch.Tensor:
-    """The first `n` images of a split manifest, through the ingest pipeline (reader threads + DALI), fp32 on CPU."""
-    from tasks.images.decode import ImageDecoder, decode_files
-    from tasks.storage import read_parquet
-
-    uris = read_parquet(manifest_url, columns=["uri"]).column("uri").to_pylist()[:n]
-    decoder = ImageDecoder(ctx.entry.preprocessing, ctx.device, min(ctx.batch_size, max(len(uris), 1)),
-                           ctx.num_threads)
-    with ThreadPoolExecutor(max_workers=4) as readers:
-        out = [images.float().cpu() for _, images, _ in decode_files(uris, decoder, readers) if images is not None]
-    if not out:
-        raise ValueError(f"none of the first {n} images of {manifest_url} could be decoded")
-    return torch.cat(out)
-
-
-def module_dtype(module: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-
-
-def same_architecture(module: nn.Module, entry: ModelEntry) -> bool:
-    """Whether the module's tensors have the shapes of a fresh `entry.architecture` (i.e. a state dict loads)."""
-    ref = build_model(entry.architecture, entry.num_classes, entry.preprocessing).state_dict()
-    mine = module.state_dict()
-    return mine.keys() == ref.keys() and all(mine[k].shape == ref[k].shape for k in ref)

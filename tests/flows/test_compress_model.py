@@ -10,7 +10,7 @@ from prefect.artifacts import Artifact
 from a2k.cli import main
 from flows.compress_model import compress_model
 from tasks.models.entry import WeightsFormat, load_model
-from tasks.models.registry import get_model
+from tasks.models.registry import get_model, list_models
 from tests.tasks.compress.test_recipes import trained_registry  # noqa: F401  (the trained parent, copied per test)
 
 
@@ -125,4 +125,4 @@ def test_cli_compress_bf16_prints_side_by_side_and_refuses_what_a_target_cannot_
     assert main(["compress", "models:/digits/1", "--recipe", "sparse-2:4", "--device", "cpu", "--json",
                  "--registry", trained_registry]) == 2
     assert "'sparse-2:4' runs on cuda only; device cpu is cpu" in capsys.readouterr().err
-    assert [v.entry.version for v in __import__("tasks.models.registry").registry.list_models(trained_registry)] == ["1", "2"]
+    assert [v.entry.version for v in list_models(trained_registry)] == ["1", "2"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.compress.recipes import Bf16Config, Candidate, CompressContext, Sparse24Config, check_supported, device_capability
+from tasks.compress.apply import Candidate, CompressContext
+from tasks.compress.recipes import Bf16Config, Sparse24Config, check_supported, device_capability
 from tasks.models.entry import build_model, default_preprocessing
 
 pytestmark = pytest.mark.gpu

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tasks.compress.apply import CompressContext, recorded_splits
 from tasks.compress.recipes import (
-    Bf16Config, CompressContext, ExportConfig, Fp16Config, Int8StaticConfig, PruneConfig, Sparse24Config,
-    check_supported, check_target, parse_chain, parse_recipe,
+    Bf16Config, ExportConfig, Fp16Config, Int8StaticConfig, PruneConfig, Sparse24Config, check_supported,
+    check_target, parse_chain, parse_recipe,
 )
-from tasks.compress.apply import recorded_splits
 from tasks.models.entry import load_model, read_entry
 from tasks.models.registry import fetch_model, get_model
 from tasks.compress.targets import get_target
@@ -106,7 +106,7 @@ def test_bf16_and_sparse_are_refused_where_unsupported_and_targets_are_data():
 
 
 def test_the_sparse_handler_itself_refuses_a_cpu_device(trained_registry):
-    from tasks.compress.recipes import Candidate
+    from tasks.compress.apply import Candidate
     from tasks.compress.prune import sparsify_2_4
 
     ctx = _context(trained_registry)
@@ -141,7 +141,7 @@ def test_int8_weights_are_stored_4x_smaller_and_dequantized_at_load(trained_regi
 def test_int8_static_quantizes_every_conv_and_linear_and_a_no_op_fails_loudly(trained_registry):
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
 
-    from tasks.compress.recipes import sample_images
+    from tasks.compress.apply import sample_images
     from tasks.compress.quant import quantize_static
 
     ctx = _context(trained_registry)
@@ -160,7 +160,7 @@ def test_int8_static_quantizes_every_conv_and_linear_and_a_no_op_fails_loudly(tr
 
 
 def test_a_broken_export_is_caught_by_the_parity_check(trained_registry):
-    from tasks.compress.recipes import sample_images
+    from tasks.compress.apply import sample_images
     from tasks.compress.export import (ParityError, check_parity, export_onnx, export_program, onnx_runner,
                                        roundtrip)
 
