@@ -7,6 +7,9 @@ import json
 from typing import Any
 
 
+_REF_HELP = "models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest or NAME (= @production)"
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("models", help="the model registry: list, show, import, promote, rollback, archive")
     msub = m.add_subparsers(dest="models_command", required=True)
@@ -17,7 +20,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     ls = msub.add_parser("list", parents=[common], help="every version, with status and aliases")
     ls.add_argument("--name", default=None)
     show = msub.add_parser("show", parents=[common], help="one version: entry, metrics, lineage to the root")
-    show.add_argument("ref", help="models:/NAME/VERSION, models:/NAME@ALIAS or models:/NAME/latest")
+    show.add_argument("ref", help=_REF_HELP)
 
     imp = msub.add_parser("import", parents=[common], help="register an existing classifier")
     imp.add_argument("source", help=".safetensors or .pth state dict, TorchScript file, or torch.export .pt2")
@@ -32,17 +35,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--channels", type=int, default=3, choices=[1, 3])
 
     promote = msub.add_parser("promote", parents=[common], help="point an alias at a version")
-    promote.add_argument("ref")
+    promote.add_argument("ref", help=_REF_HELP)
     promote.add_argument("--alias", default="production")
     rollback = msub.add_parser("rollback", parents=[common], help="move an alias back to its previous version")
     rollback.add_argument("name")
     rollback.add_argument("--alias", default="production")
     arch = msub.add_parser("archive", parents=[common], help="retire a version")
-    arch.add_argument("ref")
+    arch.add_argument("ref", help=_REF_HELP)
     arch.add_argument("--reason", default="")
 
     ev = sub.add_parser("evaluate", parents=[common], help="top-1/top-5, per-class precision/recall, confusion matrix")
-    ev.add_argument("ref")
+    ev.add_argument("ref", help=_REF_HELP)
     ev.add_argument("dataset", nargs="?", default=None, help="labelled folder <root>/<class>/<file>; default: the "
                     "version's recorded test split")
     ev.add_argument("--device", default="auto")
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
                               interpolation=args.interpolation, channels=args.channels, registry=args.registry)
         _print(result, args.json, f"registered {result['ref']} at {result['url']}")
     elif cmd == "promote":
-        ref = reg.ModelRef.parse(args.ref)
+        ref = reg.as_model_ref(args.ref)
         target = reg.get_model(ref, args.registry)
         info = reg.set_alias(ref.name, args.alias, int(target.entry.version), args.registry)
         _print(info.to_dict(), args.json, f"{ref.name}@{args.alias} -> version {info.entry.version}")
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
         info = reg.rollback_alias(args.name, args.alias, args.registry)
         _print(info.to_dict(), args.json, f"{args.name}@{args.alias} -> version {info.entry.version} (rolled back)")
     elif cmd == "archive":
-        ref = reg.ModelRef.parse(args.ref)
+        ref = reg.as_model_ref(args.ref)
         target = reg.get_model(ref, args.registry)
         info = reg.archive(ref.name, int(target.entry.version), args.reason, args.registry)
         _print(info.to_dict(), args.json, f"{info.ref} archived")

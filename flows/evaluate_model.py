@@ -18,7 +18,7 @@ from tasks.home import a2k_home
 from flows.classify_images import classify_images
 from flows.params import BatchSize, DeviceSpec
 from tasks.train.evaluate import draw_confusion_matrix, evaluate_predictions, evaluation_table
-from tasks.models.registry import SCHEME, get_model, recorded_test_split, write_version_file
+from tasks.models.registry import get_model, recorded_test_split, write_version_file
 
 
 @task(name="score-evaluation", cache_policy=NO_CACHE)
@@ -50,10 +50,10 @@ def evaluate_model(
     model: str, dataset: str | None = None, device: DeviceSpec = "auto", batch_size: BatchSize = 256,
     registry: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a registered version on `dataset` (a labelled folder or manifest) or, by default, on the
-    test split recorded when it (or, for a compressed child, its parent) was trained."""
-    ref = model if model.startswith(SCHEME) else f"{SCHEME}{model}@production"
-    info = get_model(ref, registry)  # resolved once: an alias moving mid-run does not change what is measured
+    """Evaluate a registered version (`model`: a models:/ reference, or NAME for NAME@production) on `dataset`
+    (a labelled folder or manifest) or, by default, on the test split recorded when it (or, for a compressed
+    child, its parent) was trained."""
+    info = get_model(model, registry)  # a bare NAME is NAME@production; resolved once: an alias moving mid-run changes nothing here
     concrete = str(info.ref)
     if dataset is None:
         dataset = recorded_test_split(info, registry)

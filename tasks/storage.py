@@ -6,11 +6,12 @@ S3 endpoint and credentials come from the standard AWS environment and config fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import uuid
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -63,7 +64,7 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
 
     Readers see the file whole or not at all. Local: written under a hidden temporary name, then hard-linked
     to `path`, which fails if `path` exists (O_EXCL alone would show other processes an empty file until the
-    write ends: racing registrations read one, CI 2026-12-01). S3: a conditional PUT (If-None-Match: *), which
+    write ends; bench/NOTES.md, "Exclusive creates"). S3: a conditional PUT (If-None-Match: *), which
     S3, MinIO and moto honour. When the store carried out our PUT but its answer was lost (a 500 or a dropped
     connection), botocore's retry is refused as if someone else had created the object; it is ours if it holds
     our bytes, so callers put something unique in `data` (a stamp) where it matters who won.
@@ -146,17 +147,32 @@ def listdir_names(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         return []
 
 
+def sha256_of(f: BinaryIO) -> str:
+    """The hex sha256 of an open binary file (from `open` or an fsspec filesystem), read from where it is to the end."""
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def read_parquet(url: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file at any URL, read through its filesystem (after dropping s3fs's cached listing of it)."""
     fs, path = filesystem(url)
+    return read_parquet_at(fs, path, columns)
+
+
+def read_parquet_at(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    """`read_parquet` for a path of a filesystem already resolved."""
     fs.invalidate_cache(path)
     return pq.read_table(path, columns=columns, filesystem=fs)
 
 
 def write_parquet(table: pa.Table, url: str | os.PathLike, **options: Any) -> str:
     """Write `table` as one Parquet file with `write_atomic` (one complete PUT on S3); returns its URL."""
+    fs, path = filesystem(url)
+    return write_parquet_at(table, fs, path, **options)
+
+
+def write_parquet_at(table: pa.Table, fs: fsspec.AbstractFileSystem, path: str, **options: Any) -> str:
+    """`write_parquet` to a path of a filesystem already resolved; returns its URL."""
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, **options)
-    fs, path = filesystem(url)
     write_atomic(fs, path, buf.getvalue().to_pybytes())
     return full_url(fs, path)

@@ -46,12 +46,24 @@ def test_archive_and_errors_exit_2_with_the_reason(capsys, registry):
     assert "version 1 is archived (old)" in capsys.readouterr().err
     assert main(["models", "show", "models:/seed/7", "--registry", registry]) == 2
     assert "has no version 7; versions: 1, 2" in capsys.readouterr().err
-    assert main(["models", "show", "seed", "--registry", registry]) == 2
+    assert main(["models", "show", "seed/7", "--registry", registry]) == 2
     assert "is not models:/NAME/VERSION" in capsys.readouterr().err
+
+
+def test_a_bare_name_means_its_production_version_in_every_models_command(capsys, registry):
+    assert main(["models", "show", "seed", "--registry", registry]) == 2
+    assert "model 'seed' has no alias 'production'" in capsys.readouterr().err
+    assert main(["models", "promote", "models:/seed/2", "--registry", registry]) == 0
+    capsys.readouterr()
+    assert _json(capsys, ["models", "show", "seed", "--registry", registry, "--json"])["ref"] == "models:/seed/2"
+    assert main(["models", "promote", "seed", "--alias", "candidate", "--registry", registry]) == 0
+    assert "seed@candidate -> version 2" in capsys.readouterr().out
+    assert main(["models", "archive", "seed", "--registry", registry]) == 2
+    assert "carries alias(es) production, candidate" in capsys.readouterr().err
 
 
 def test_classify_refuses_a_bad_batch_size_before_any_work(capsys, photos_dir, seed_model_dir, tmp_path):
     code = main(["classify", str(photos_dir), str(tmp_path / "out"), "--model", str(seed_model_dir),
                  "--batch-size", "0", "--device", "cpu"])
-    assert code == 2 and "batch_size" in capsys.readouterr().err
+    assert code == 2 and "--batch-size '0'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -7,10 +7,11 @@ loading checks the digest and never unpickles anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tasks.images.preprocess import Preprocessing
+from tasks.storage import sha256_of
 
 FORMAT = "a2k.model/1"
 ENTRY_FILE = "model.json"
@@ -133,6 +135,22 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def check_class_names(names: Sequence[str], origin: str = "class_names") -> tuple[str, ...]:
+    """`names` as a tuple, once checked to be at least 2 distinct class names; `origin` says where they came
+    from in the message (e.g. "labels file 'x.txt'")."""
+    if isinstance(names, str):
+        raise ValueError(f"{origin} is the string {names!r}; pass a sequence of class names")
+    names = tuple(names)
+    if not names:
+        raise ValueError(f"{origin} is empty; a classifier needs at least 2 class names")
+    if len(names) < 2:
+        raise ValueError(f"{origin} has {len(names)} class name(s) {list(names)}; a classifier needs at least 2")
+    duplicates = sorted(n for n, count in Counter(names).items() if count > 1)[:10]
+    if duplicates:
+        raise ValueError(f"{origin} repeats {duplicates}; each class must appear once")
+    return names
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """What model.json holds: enough to rebuild, check, preprocess for and label a classifier."""
@@ -160,9 +178,7 @@ class ModelEntry:
             _check_arch(self.architecture)
         if "/" in self.weights_file or self.weights_file.startswith("."):
             raise ValueError(f"weights file {self.weights_file!r} must be a plain file name")
-        object.__setattr__(self, "class_names", tuple(self.class_names))
-        if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
-            raise ValueError(f"class_names must hold at least 2 distinct names, got {list(self.class_names)[:10]}")
+        object.__setattr__(self, "class_names", check_class_names(self.class_names, f"class_names of model {self.name!r}"))
 
     @property
     def num_classes(self) -> int:
@@ -211,11 +227,8 @@ class ModelEntry:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_of(f)
 
 
 def save_model_dir(

@@ -8,7 +8,6 @@ import os
 import pickle
 import shutil
 import zipfile
-from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -19,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tasks.models.entry import (
-    WEIGHTS_FILE, ModelEntry, WeightsFormat, build_model, check_model_name, list_architectures, sha256_file,
-    write_entry,
+    WEIGHTS_FILE, ModelEntry, WeightsFormat, build_model, check_class_names, check_model_name, list_architectures,
+    sha256_file, write_entry,
 )
 from tasks.images.preprocess import Preprocessing
 
@@ -66,16 +65,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
         names = [n.strip() for n in doc]
     else:
         names = [line.strip() for line in text.splitlines() if line.strip()]
-    return _check_class_names(names, f"labels file {str(path)!r}")
-
-
-def _check_class_names(names: list[str], origin: str) -> list[str]:
-    if len(names) < 2:
-        raise ValueError(f"{origin} has {len(names)} class name(s) {names}; a classifier needs at least 2")
-    duplicates = sorted(n for n, count in Counter(names).items() if count > 1)
-    if duplicates:
-        raise ValueError(f"{origin} names these classes more than once: {', '.join(map(repr, duplicates[:10]))}")
-    return list(names)
+    return list(check_class_names(names, f"labels file {str(path)!r}"))
 
 
 def detect_source_kind(source: str | os.PathLike) -> SourceKind:
@@ -122,7 +112,7 @@ def import_classifier(
     if not path.is_file():
         raise FileNotFoundError(f"model file {str(source)!r} does not exist")
     check_model_name(name)
-    names = _check_class_names(list(class_names), "class_names")
+    names = list(check_class_names(class_names))
     lineage_extra = dict(lineage_extra or {})
     kind = detect_source_kind(path)
     lineage = {"recipe": "import", "source": str(source), "source_sha256": sha256_file(path),

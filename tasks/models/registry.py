@@ -28,6 +28,7 @@ from tasks.models.entry import ENTRY_FILE, ModelEntry, Status, check_model_name,
 from tasks.storage import create_exclusive, dumps, filesystem, full_url, is_local, listdir_names, read_json, write_atomic
 
 SCHEME = "models:/"
+DEFAULT_ALIAS = "production"  # what a bare model NAME means: models:/NAME@production
 EVENTS_DIR = "_events"
 CLAIM_FILE = ".claim"
 _ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -75,6 +76,19 @@ class ModelRef:
         if self.version is not None:
             return f"{SCHEME}{self.name}/{self.version}"
         return f"{SCHEME}{self.name}@{self.alias}" if self.alias else f"{SCHEME}{self.name}/latest"
+
+
+def as_model_ref(text: str | ModelRef) -> ModelRef:
+    """What a user typed for a registered model: a `models:/` reference, or a bare NAME for `models:/NAME@production`."""
+    if isinstance(text, ModelRef):
+        return text
+    if text.startswith(SCHEME):
+        return ModelRef.parse(text)
+    try:
+        return ModelRef(check_model_name(text), alias=DEFAULT_ALIAS)
+    except ValueError:
+        raise ValueError(f"model reference {text!r} is not models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest "
+                         f"or a bare NAME (for models:/NAME@{DEFAULT_ALIAS})") from None
 
 
 @dataclass(frozen=True)
@@ -208,8 +222,9 @@ def register_model(
 
 
 def get_model(ref: str | ModelRef, registry: str | None = None) -> ModelVersion:
-    """Resolve a reference to one concrete version (aliases and `latest` are resolved here, once)."""
-    ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+    """Resolve a reference (or a bare NAME, see `as_model_ref`) to one concrete version (aliases and `latest` are
+    resolved here, once)."""
+    ref = as_model_ref(ref)
     reg = Registry(registry)
     versions = reg.versions(ref.name)
     if not versions:
@@ -367,8 +382,7 @@ def resolve_model(model: str, registry: str | None = None) -> tuple[ModelVersion
             return None, path
         if "/" in model or os.sep in model:
             raise FileNotFoundError(f"model {model!r} is neither a model directory nor a models:/ reference")
-        model = f"{SCHEME}{model}@production"
-    info = get_model(model, registry)
+    info = get_model(as_model_ref(model), registry)
     return info, fetch_model(info, registry)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+
+from tasks.models.entry import check_class_names
 
 
 def accuracy_from_predictions(output: str) -> dict[str, float | int]:
@@ -114,43 +115,30 @@ def evaluate_predictions(source: str | os.PathLike | pa.Table, class_names: Sequ
 
     Raises ValueError when a true or predicted label is not in `class_names`, or when no row carries a true label.
     """
-    names = _check_class_names(class_names)
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # slow to import: only evaluating pays for it
+
+    names = check_class_names(class_names)
     table, where = _read_predictions(source)
     labelled = table.filter(pc.is_valid(table["true_label"])).combine_chunks()
     if labelled.num_rows == 0:
         raise ValueError(f"no labelled rows in {where}: all {table.num_rows} rows have a null true_label; "
                          "evaluation needs rows with a true label")
-    n = len(names)
+    classes = range(len(names))
     true_idx = _class_indices(labelled["true_label"], names, "true label")
     pred_idx = _class_indices(labelled["label"], names, "predicted label")
-    confusion = np.bincount(true_idx * n + pred_idx, minlength=n * n).reshape(n, n)
-    correct = np.diag(confusion)
-    support = confusion.sum(axis=1)
-    predicted = confusion.sum(axis=0)
-    precision = np.divide(correct, predicted, out=np.zeros(n), where=predicted > 0)
-    recall = np.divide(correct, support, out=np.zeros(n), where=support > 0)
+    confusion = confusion_matrix(true_idx, pred_idx, labels=classes)
+    precision, recall, _, support = precision_recall_fscore_support(true_idx, pred_idx, labels=classes,
+                                                                    zero_division=0.0)
     images = labelled.num_rows
     return Evaluation(
         class_names=names,
         images=images,
-        top1=float(correct.sum() / images),
+        top1=float(np.trace(confusion) / images),
         top5=float(_topk_hits(labelled["topk_labels"], labelled["true_label"], TOP_K).sum() / images),
         per_class=tuple(ClassMetrics(name, float(p), float(r), int(s))
                         for name, p, r, s in zip(names, precision, recall, support)),
         confusion=tuple(tuple(int(c) for c in row) for row in confusion),
     )
-
-
-def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(class_names, str):
-        raise ValueError(f"class_names is the string {class_names!r}; pass a sequence of class names")
-    names = tuple(class_names)
-    if not names:
-        raise ValueError("class_names is empty; evaluation needs at least one class")
-    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
-    if duplicates:
-        raise ValueError(f"class_names repeats {duplicates}; each class must appear once")
-    return names
 
 
 def _read_predictions(source: str | os.PathLike | pa.Table) -> tuple[pa.Table, str]:
@@ -181,7 +169,8 @@ def _class_indices(labels: pa.ChunkedArray, names: tuple[str, ...], what: str) -
 
 
 def _topk_hits(topk: pa.ChunkedArray, truth: pa.ChunkedArray, k: int) -> np.ndarray:
-    """Per row, whether `truth` is among the first min(k, len) entries of its `topk` list."""
+    """Per row, whether `truth` is among the first min(k, len) entries of its `topk` list (the rows hold ranked
+    labels, not scores, and may hold fewer than k: sklearn's top_k_accuracy_score takes a full score matrix)."""
     head = pc.list_slice(topk.combine_chunks(), 0, k)
     rows = pc.list_parent_indices(head)
     same = pc.fill_null(pc.equal(pc.list_flatten(head), pc.take(truth.combine_chunks(), rows)), False)
@@ -194,6 +183,7 @@ def draw_confusion_matrix(evaluation: Evaluation, path: str | os.PathLike, title
     """Draw the confusion matrix (rows true, columns predicted) as a PNG; counts in the cells up to 30 classes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -205,20 +195,19 @@ def draw_confusion_matrix(evaluation: Evaluation, path: str | os.PathLike, title
     fig = Figure(figsize=(side + 1.0, side), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(counts, cmap="Blues", vmin=0, interpolation="nearest")
-    fig.colorbar(image, ax=ax, shrink=0.8).ax.tick_params(labelsize=label_size)
-    ax.set_xticks(range(n), evaluation.class_names, rotation=45 if n <= 10 else 90, ha="right" if n <= 10 else "center",
-                  fontsize=label_size)
-    ax.set_yticks(range(n), evaluation.class_names, fontsize=label_size)
+    display = ConfusionMatrixDisplay(counts, display_labels=list(evaluation.class_names)).plot(
+        ax=ax, cmap="Blues", include_values=n <= _CELL_NUMBERS_UP_TO, values_format="d", colorbar=False,
+        xticks_rotation=45 if n <= 10 else 90, text_kw={"fontsize": max(5.5, min(10.0, 150 / n))},
+    )
+    display.im_.set_clim(0, max(1, counts.max()))  # an empty cell is white, whatever the smallest count
+    fig.colorbar(display.im_, ax=ax, shrink=0.8).ax.tick_params(labelsize=label_size)
+    ax.tick_params(labelsize=label_size)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right" if n <= 10 else "center")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{title}\n{evaluation.images} images, top-1 {evaluation.top1:.3f}, top-5 {evaluation.top5:.3f}",
                  fontsize=10)
-    if n <= _CELL_NUMBERS_UP_TO:
-        dark = counts.max() / 2
-        for (i, j), count in np.ndenumerate(counts):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=max(5.5, min(10.0, 150 / n)),
-                    color="white" if count > dark else "black")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path

@@ -1,10 +1,13 @@
+import io
 import json
 
 import pytest
 import torch
 
+from dataclasses import replace
+
 from tasks.models.entry import (
-    build_model, check_model_name, default_preprocessing, list_architectures, load_model, read_entry,
+    build_model, check_class_names, check_model_name, default_preprocessing, list_architectures, load_model, read_entry,
     register_architecture, save_model_dir,
 )
 from tasks.images.preprocess import Preprocessing
@@ -70,3 +73,26 @@ def test_preprocessing_rejects_inconsistent_settings():
         Preprocessing(channels=1)
     with pytest.raises(ValueError, match="'lanczos' is not a valid Interpolation"):
         Preprocessing(interpolation="lanczos")
+
+
+def test_class_names_are_checked_in_one_place_naming_their_origin(seed_model_dir):
+    assert check_class_names(["cat", "dog"]) == ("cat", "dog")
+    entry = read_entry(seed_model_dir)
+    with pytest.raises(ValueError, match=r"class_names of model 'seed' repeats \['a'\]"):
+        replace(entry, name="seed", class_names=("a", "b", "a"))
+    with pytest.raises(ValueError, match=r"has 1 class name\(s\) \['a'\]; a classifier needs at least 2"):
+        replace(entry, class_names=("a",))
+
+
+def test_the_file_digest_is_the_sha256_of_the_bytes(tmp_path):
+    import hashlib
+
+    from tasks.models.entry import sha256_file
+    from tasks.storage import filesystem, sha256_of
+
+    data = bytes(range(256)) * 5000
+    (tmp_path / "blob").write_bytes(data)
+    fs, path = filesystem(tmp_path / "blob")
+    with fs.open(path, "rb") as f:
+        through_fsspec = sha256_of(f)
+    assert sha256_file(tmp_path / "blob") == through_fsspec == sha256_of(io.BytesIO(data)) == hashlib.sha256(data).hexdigest()

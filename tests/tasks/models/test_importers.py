@@ -227,7 +227,7 @@ def test_labels_one_per_line_or_a_json_list(tmp_path):
 
 
 @pytest.mark.parametrize("file_name, text, message", [
-    ("dup.txt", "cat\ndog\ncat\n", r"dup\.txt' names these classes more than once: 'cat'"),
+    ("dup.txt", "cat\ndog\ncat\n", r"dup\.txt' repeats \['cat'\]; each class must appear once"),
     ("one.txt", "cat\n\n", r"one\.txt' has 1 class name\(s\) \['cat'\]; a classifier needs at least 2"),
     ("obj.json", '{"0": "cat", "1": "dog"}', r"obj\.json' must hold a JSON list of non-empty strings"),
 ])

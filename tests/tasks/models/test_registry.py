@@ -8,7 +8,7 @@ import torch
 
 from tasks.models.entry import Status, load_model
 from tasks.models.registry import (
-    ModelRef, alias_history, archive, delete_alias, fetch_model, get_model, lineage, list_models, register_model,
+    ModelRef, alias_history, archive, as_model_ref, delete_alias, fetch_model, get_model, lineage, list_models, register_model,
     resolve_model, rollback_alias, set_alias,
 )
 
@@ -29,6 +29,14 @@ def test_references_parse_and_print_back():
 def test_bad_references_are_refused(text, message):
     with pytest.raises(ValueError, match=message):
         ModelRef.parse(text)
+
+
+def test_a_bare_name_is_its_production_alias():
+    assert as_model_ref("digits") == ModelRef("digits", alias="production")
+    assert as_model_ref("models:/digits/3") == ModelRef.parse("models:/digits/3")
+    for text in ("digits/3", "../etc", ""):
+        with pytest.raises(ValueError, match=r"is not models:/NAME/VERSION, .* or a bare NAME"):
+            as_model_ref(text)
 
 
 def test_register_get_list_and_latest(seed_model_dir, registry_root):
