@@ -8,17 +8,18 @@ from typing import Any
 
 import pyarrow as pa
 
+from tasks.classify.output import ERRORS_DIR, Output
 from tasks.classify.plan import RunContext, RunPlan, ShardOutcome
-from tasks.classify.sink import ERRORS_DIR, committed_parts, read_error_rows, read_part_rows, write_run_marker
+from tasks.classify.sink import committed_parts, read_error_rows, read_part_rows, write_run_marker
 from tasks.classify.state import RunState, remove_state, state_rows, write_state
-from tasks.storage import read_parquet
+from tasks.storage import read_parquet_at
 
 REMOVED_POLICY = "rows of images no longer listed are dropped: the dataset mirrors the latest listing"
 
 
-def _new_state(output: str, manifest: pa.Table, plan: RunPlan, outcomes: list[ShardOutcome]) -> pa.Table:
+def _new_state(out: Output, manifest: pa.Table, plan: RunPlan, outcomes: list[ShardOutcome]) -> pa.Table:
     """The state after this run: unchanged images as they were, plus each image classified now, with its part."""
-    work = read_parquet(plan.work_path, columns=["uri"]).column("uri").to_pylist()
+    work = read_parquet_at(out.fs, out.work, columns=["uri"]).column("uri").to_pylist()
     tables = [plan.delta.kept]
     by_index = {o.index: o for o in outcomes}
     for p in plan.shards:
@@ -26,7 +27,7 @@ def _new_state(output: str, manifest: pa.Table, plan: RunPlan, outcomes: list[Sh
         if o.predicted + o.errors != p.shard.size:
             raise RuntimeError(f"shard {p.shard.index}: {p.shard.size} images in, {o.predicted} predicted + "
                                f"{o.errors} errors out; no commit")
-        kinds = read_error_rows(output, o.part) if o.errors else {}
+        kinds = read_error_rows(out, o.part) if o.errors else {}
         uris = work[p.shard.start : p.shard.stop]
         if len(kinds) != o.errors or not set(kinds) <= set(uris):
             raise RuntimeError(f"shard {p.shard.index}: its errors part {o.part} does not match its images; no commit")
@@ -34,7 +35,7 @@ def _new_state(output: str, manifest: pa.Table, plan: RunPlan, outcomes: list[Sh
     return pa.concat_tables(tables)
 
 
-def _check_parts_hold(output: str, images: pa.Table) -> None:
+def _check_parts_hold(out: Output, images: pa.Table) -> None:
     """Each part's row counts (from its footers) are those the state gives it: a row lost or left twice fails."""
     expected: dict[tuple[str, bool], int] = {}
     for part, kind in zip(images.column("part").to_pylist(), images.column("error_kind").to_pylist()):
@@ -42,7 +43,7 @@ def _check_parts_hold(output: str, images: pa.Table) -> None:
     names = sorted({p for p, _ in expected})
 
     def rows(name: str) -> tuple[int, int]:
-        return read_part_rows(output, name), read_part_rows(output, name, subdir=ERRORS_DIR)
+        return read_part_rows(out, name), read_part_rows(out, name, errors=True)
 
     with ThreadPoolExecutor(max_workers=16, thread_name_prefix="a2k-footer") as pool:  # one small read per part
         found = dict(zip(names, pool.map(rows, names)))
@@ -57,14 +58,14 @@ def _check_parts_hold(output: str, images: pa.Table) -> None:
 
 
 def commit_run(
-    output: str, manifest_path: str, plan: RunPlan, outcomes: list[ShardOutcome], ctx: RunContext,
-    list_seconds: float, extra: dict[str, Any],
+    out: Output, plan: RunPlan, outcomes: list[ShardOutcome], ctx: RunContext, list_seconds: float,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     """Check that every listed image is in the dataset exactly once (listed == predicted + errors), then commit the
     state and write the marker; any mismatch fails the run loudly and commits nothing."""
-    manifest = read_parquet(manifest_path, columns=["uri", "bytes", "mtime_ns", "etag"])
+    manifest = read_parquet_at(out.fs, out.manifest, columns=["uri", "bytes", "mtime_ns", "etag"])
     listed = manifest.num_rows
-    images = _new_state(output, manifest, plan, outcomes)
+    images = _new_state(out, manifest, plan, outcomes)
     uris = images.column("uri").to_pylist()
     if len(uris) != len(set(uris)) or set(uris) != set(manifest.column("uri").to_pylist()):
         raise RuntimeError(f"{listed} images listed but the dataset would hold {len(set(uris))} of them in "
@@ -73,9 +74,9 @@ def commit_run(
     predicted = images.num_rows - errors
     if predicted + errors != listed:
         raise RuntimeError(f"{listed} images listed but {predicted} predicted + {errors} errors: nothing committed")
-    _check_parts_hold(output, images)
-    parts = committed_parts(output)
-    state_url = write_state(output, RunState(plan.input, plan.settings_key, plan.base_generation + 1, images))
+    _check_parts_hold(out, images)
+    parts = committed_parts(out)
+    state_url = write_state(out, RunState(plan.input, plan.settings_key, plan.base_generation + 1, images))
     d = plan.delta
     processed = sum(o.predicted + o.errors for o in outcomes if not o.resumed)
     stage_seconds = {
@@ -111,8 +112,8 @@ def commit_run(
         "state": state_url,
         **extra,
     }
-    summary["marker"] = write_run_marker(output, summary)
-    remove_state(output, pending_only=True)
+    summary["marker"] = write_run_marker(out, summary)
+    remove_state(out, pending_only=True)
     return summary
 
 

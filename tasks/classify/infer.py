@@ -64,8 +64,7 @@ def _batch_norms(model: torch.nn.Module) -> int:
 class Classifier:
     """A loaded model on its device: fp16 and channels_last on CUDA; fp32 on the CPU, with its batch norms folded
     into the layers before them there (`fold_batch_norms`). On CUDA they are not folded: the folded convolutions'
-    bias add is slower than the batch norm in fp16 channels_last (ResNet-50 on an H200: 14,300 images/s folded
-    against 16,800, bench/NOTES.md variant 19). `compile_mode` (CUDA only) runs the model through
+    bias add is slower than the batch norm in fp16 channels_last (bench/NOTES.md, variant 19). `compile_mode` (CUDA only) runs the model through
     `torch.compile` with that mode, its weights frozen as constants."""
 
     def __init__(self, model_dir: str, device: Device, fold: bool = True, compile_mode: str | None = None) -> None:

@@ -7,9 +7,10 @@ import contextlib
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.classify.output import Output, part_name
 from tasks.classify.plan import RunContext, ShardOutcome
 from tasks.classify.shard import classify_shard, shard_classifier
-from tasks.classify.sink import part_name, remove_shard_parts
+from tasks.classify.sink import remove_shard_parts
 from tasks.devices import resolve_device
 from tasks.images.manifest import Shard
 from tasks.runner import gpu_slot, retry_on_transient
@@ -24,7 +25,6 @@ from tasks.runner import gpu_slot, retry_on_transient
     retry_condition_fn=retry_on_transient,  # storage and network hiccups only; bad data is an errors row already
 )
 def classify_shard_task(
-    manifest_path: str,
     shard: Shard,
     output: str,
     key: str,
@@ -38,14 +38,16 @@ def classify_shard_task(
     gpu_memory_gb: float | None = None,
     take_gpu_slot: bool = True,
 ) -> ShardOutcome:
-    """Classify and commit one shard. On CUDA it holds a slot of `gpu` and of its card while it runs, unless the
-    caller holds them for it (`take_gpu_slot=False`: the flow, for a whole in-process run)."""
+    """Classify and commit one shard of the run planned in `output` (its URL: the task resolves its filesystem
+    where it runs). On CUDA it holds a slot of `gpu` and of its card while it runs, unless the caller holds them
+    for it (`take_gpu_slot=False`: the flow, for a whole in-process run)."""
     dev = resolve_device(device)
+    out = Output(output)
     with gpu_slot(dev) if take_gpu_slot else contextlib.nullcontext([]) as slots:
         worker = shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
                                   gpu_memory_gb)
-        remove_shard_parts(output, part_name(key))  # what an earlier, failed attempt left
-        outcome = classify_shard(manifest_path, shard, output, key, worker, ctx)
+        remove_shard_parts(out, part_name(key))  # what an earlier, failed attempt left
+        outcome = classify_shard(shard, out, key, worker, ctx)
     n = outcome.predicted + outcome.errors
     get_run_logger().info(
         "shard %d: %d images, %d predicted, %d errors, %.0f images/s (decode+infer %.2fs: %s; write %.2fs) on %s, "

@@ -29,11 +29,12 @@ from tasks.devices import resolve_device
 from tasks.images.decode import STREAM_DEPTH, DecodedBatch, ImageDecoder, default_threads
 from tasks.images.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
 from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders, read_processes_available
-from tasks.classify.plan import RunContext, ShardOutcome
+from tasks.classify.output import Output, part_name
+from tasks.classify.plan import RunContext, ShardOutcome, read_shard_rows
 from tasks.classify.infer import Classifier, fit_batch_size, limit_gpu_memory
 from tasks.images.manifest import Shard
-from tasks.classify.sink import ERROR_SCHEMA, ERRORS_DIR, PREDICTION_SCHEMA, part_name, write_part
-from tasks.storage import is_url, read_parquet
+from tasks.classify.sink import ERROR_SCHEMA, PREDICTION_SCHEMA, write_part
+from tasks.storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -349,25 +350,19 @@ def _cached_shard_classifier(model_dir, weights_sha256, device, batch_size, num_
 shard_classifier.cache_clear = _cached_shard_classifier.cache_clear  # type: ignore[attr-defined]
 
 
-def classify_shard(
-    manifest_path: str,
-    shard: Shard,
-    output: str,
-    key: str,
-    worker: ShardClassifier,
-    ctx: RunContext,
-) -> ShardOutcome:
-    """Classify one shard and commit it: the errors part first, then the predictions part, each atomically.
+def classify_shard(shard: Shard, out: Output, key: str, worker: ShardClassifier, ctx: RunContext) -> ShardOutcome:
+    """Classify one shard (its rows of the output's work file, read alone) and commit it: the errors part first,
+    then the predictions part, each atomically.
 
     The predictions part is the shard's commit: once it exists, the shard is done.
     """
-    rows = read_parquet(manifest_path, columns=["uri", "label"]).slice(shard.start, shard.size)
+    rows = read_shard_rows(out, shard, columns=["uri", "label"])
     uris = rows.column("uri").to_pylist()
     predictions, errors, timing = worker.run(uris, rows.column("label").to_pylist(), ctx)
     t0 = time.perf_counter()
     if errors.num_rows:
-        write_part(errors, output, part_name(key), subdir=ERRORS_DIR)
-    write_part(predictions, output, part_name(key))
+        write_part(errors, out, part_name(key), errors=True)
+    write_part(predictions, out, part_name(key))
     return ShardOutcome(
         index=shard.index,
         part=part_name(key),

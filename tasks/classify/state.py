@@ -1,6 +1,6 @@
 """Incremental runs: which listed images a run must classify, given what its output already holds.
 
-The state lives beside the output, under `_a2k/state/` (skipped by dataset readers):
+The state lives beside the output, under `_a2k/state/` (skipped by dataset readers; paths: tasks.classify.output):
     images.parquet  one row per image of the dataset: its uri, size, mtime and ETag when it was classified, the part
                     holding its row, and its error kind (null when predicted); the file's metadata names the input,
                     the settings key (model weights, preprocessing, top_k) and the generation (runs committed)
@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tasks.classify.output import Output
 from tasks.models.entry import ModelEntry
-from tasks.storage import dumps, filesystem, read_json, read_parquet, write_atomic, write_parquet
+from tasks.storage import dumps, read_json, read_parquet_at, write_atomic, write_parquet_at
 
-STATE_FILE = "_a2k/state/images.parquet"
-PENDING_FILE = "_a2k/state/pending.json"
 _META_KEY = b"a2k"
 
 STATE_SCHEMA = pa.schema(
@@ -38,10 +37,17 @@ STATE_SCHEMA = pa.schema(
 )
 
 
+def serialize_settings(entry: ModelEntry, top_k: int) -> str:
+    """The settings that change a row, as text: the weights' digest, the preprocessing and top_k. Hashed into the
+    settings key and into every part's key; changing this text changes both, and existing outputs would no longer
+    be recognised as the same dataset."""
+    settings = json.dumps({"pre": entry.preprocessing.to_dict(), "top_k": top_k}, sort_keys=True)
+    return f"{entry.weights_sha256}|{settings}"
+
+
 def settings_key(entry: ModelEntry, top_k: int) -> str:
     """What makes two runs' rows comparable: the same weights, preprocessing and top_k (as in a part's key)."""
-    settings = json.dumps({"pre": entry.preprocessing.to_dict(), "top_k": top_k}, sort_keys=True)
-    return hashlib.sha256(f"{entry.weights_sha256}|{settings}".encode()).hexdigest()[:20]
+    return hashlib.sha256(serialize_settings(entry, top_k).encode()).hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -62,24 +68,24 @@ def empty_state_table() -> pa.Table:
     return STATE_SCHEMA.empty_table()
 
 
-def read_state(output: str) -> RunState | None:
+def read_state(out: Output) -> RunState | None:
     """The output's committed state, or None when it has none (a fresh output, or one written before state)."""
-    url = f"{output}/{STATE_FILE}"
     try:
-        table = read_parquet(url)  # drops s3fs's cached listing first: another run may have just written it
+        table = read_parquet_at(out.fs, out.state)  # drops s3fs's cached listing first: another run may have written it
     except FileNotFoundError:
         return None
     meta = json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}"))
     if not {"input", "settings_key", "generation"} <= meta.keys():
-        raise ValueError(f"state {url!r} has no a2k metadata; remove it (or run with full=True) to start over")
+        raise ValueError(f"state {out.url_of(out.state)!r} has no a2k metadata; remove it (or run with full=True) to "
+                         "start over")
     return RunState(meta["input"], meta["settings_key"], int(meta["generation"]), table.cast(STATE_SCHEMA))
 
 
-def write_state(output: str, state: RunState) -> str:
-    """Replace the state in one atomic write (rename on disk, one PUT on S3)."""
+def write_state(out: Output, state: RunState) -> str:
+    """Replace the state in one atomic write (rename on disk, one PUT on S3); returns its URL."""
     meta = {"input": state.input, "settings_key": state.settings_key, "generation": state.generation}
     table = state.images.cast(STATE_SCHEMA).replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
-    return write_parquet(table, f"{output}/{STATE_FILE}", compression="zstd")
+    return write_parquet_at(table, out.fs, out.state, compression="zstd")
 
 
 @dataclass(frozen=True)
@@ -93,30 +99,26 @@ class Pending:
     dropped: frozenset[str]
 
 
-def read_pending(output: str) -> Pending | None:
-    fs, root = filesystem(output)
-    path = f"{root}/{PENDING_FILE}"
-    fs.invalidate_cache(path)
+def read_pending(out: Output) -> Pending | None:
+    out.fs.invalidate_cache(out.pending)
     try:
-        doc = read_json(fs, path)
+        doc = read_json(out.fs, out.pending)
     except FileNotFoundError:
         return None
     return Pending(doc["input"], doc["settings_key"], int(doc["base_generation"]), frozenset(doc["parts"]),
                    frozenset(doc["dropped"]))
 
 
-def write_pending(output: str, pending: Pending) -> None:
-    fs, root = filesystem(output)
+def write_pending(out: Output, pending: Pending) -> None:
     doc = {"input": pending.input, "settings_key": pending.settings_key, "base_generation": pending.base_generation,
            "parts": sorted(pending.parts), "dropped": sorted(pending.dropped)}
-    write_atomic(fs, f"{root}/{PENDING_FILE}", dumps(doc))
+    write_atomic(out.fs, out.pending, dumps(doc))
 
 
-def remove_state(output: str, pending_only: bool = False) -> None:
-    fs, root = filesystem(output)
-    for name in (PENDING_FILE,) if pending_only else (PENDING_FILE, STATE_FILE):
+def remove_state(out: Output, pending_only: bool = False) -> None:
+    for path in (out.pending,) if pending_only else (out.pending, out.state):
         try:
-            fs.rm(f"{root}/{name}")
+            out.fs.rm(path)
         except FileNotFoundError:
             pass
 

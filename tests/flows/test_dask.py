@@ -107,5 +107,5 @@ def test_a_long_lived_cluster_serves_two_runs_and_its_workers_keep_the_model(twe
         assert list(_rows(tmp_path / f"run{i}")["image_uri"]) == want
     # the workers outlived the first run: each built its ShardClassifier (model, DALI pipeline, readers) at most
     # once, whichever runs' shards it served
-    built = client.run(lambda: __import__("tasks.classify.shard").classify._cached_shard_classifier.cache_info().misses)
+    built = client.run(lambda: __import__("tasks.classify.shard").classify.shard._cached_shard_classifier.cache_info().misses)
     assert len(built) == 2 and max(built.values()) == 1, built

@@ -9,7 +9,8 @@ import pyarrow.dataset as ds
 import pytest
 import s3fs
 
-from flows.classify_images import MANIFEST_FILE, WORK_FILE, classify_images
+from flows.classify_images import classify_images
+from tasks.classify.output import Output
 from tasks.classify.plan import plan_run
 from tasks.images.manifest import list_images, write_manifest
 from tasks.models.entry import read_entry
@@ -87,9 +88,9 @@ def test_a_run_killed_after_dropping_old_rows_loses_nothing_even_if_the_image_ch
     original, st = image.read_bytes(), image.stat()
     image.write_bytes(photo_paths(10)[9].read_bytes())
 
-    write_manifest(list_images(photos_dir), f"{out}/{MANIFEST_FILE}")  # what the flow does, up to its plan...
-    plan_run(f"{out}/{MANIFEST_FILE}", f"{out}/{WORK_FILE}", 4, read_entry(str(seed_model_dir)), 5, str(photos_dir),
-             str(out), overwrite=False, full=False)
+    layout = Output(str(out))
+    write_manifest(list_images(photos_dir), layout.url_of(layout.manifest))  # what the flow does, up to its plan...
+    plan_run(layout, 4, read_entry(str(seed_model_dir)), 5, str(photos_dir), overwrite=False, full=False)
     assert str(image) not in set(pd.read_parquet(out)["image_uri"])  # ...then killed before any shard ran
 
     image.write_bytes(original)
