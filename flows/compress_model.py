@@ -24,7 +24,7 @@ from tasks.compress.prefect_tasks import compress_task, measure_task
 from tasks.train.evaluate import evaluate_predictions
 from tasks.models.entry import Status, read_entry, save_entry
 from tasks.models.prefect_tasks import register_model_task
-from tasks.models.registry import SCHEME, check_alias, fetch_model, get_model, set_alias
+from tasks.models.registry import check_alias, fetch_model, get_model, set_alias
 from tasks.compress.targets import get_target
 
 
@@ -100,7 +100,7 @@ def compress_model(
     profile = get_target(cfg.target) if cfg.target else None
     if profile:
         check_target(chain, profile)
-    info = get_model(cfg.model if cfg.model.startswith(SCHEME) else f"{SCHEME}{cfg.model}@production", cfg.registry)
+    info = get_model(cfg.model, cfg.registry)  # a bare NAME is NAME@production
     parent_dir = str(fetch_model(info, cfg.registry))
     splits = recorded_splits(info, cfg.registry)
     chain_text = " -> ".join(cfg.recipes)

@@ -1,26 +1,108 @@
-"""Parameter types shared by the flows: each constraint is written once and checked by pydantic."""
+"""Parameter types shared by the flows (each constraint and description written once, checked by pydantic wherever
+a flow's signature is: Prefect, the CLI), and the checks of a parameter that need the filesystem."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
+from tasks.classify.output import Output
 from tasks.devices import check_device_spec
 from tasks.runner import TaskRunnerKind
+from tasks.storage import filesystem, full_url, is_url, redact
 
+InputSource = Annotated[str, Field(
+    description="a folder of images (walked recursively), an s3://bucket/prefix, or a .parquet manifest with a 'uri' "
+                "column (local or on S3)")]
+OutputTarget = Annotated[str, Field(description="a folder or s3://bucket/prefix for the Parquet dataset")]
+ModelSpec = Annotated[str, Field(
+    description="models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest, NAME (= NAME@production) or a model "
+                "folder")]
+RegistryUrl = Annotated[str, Field(description="the model registry: a folder or s3://bucket/prefix "
+                                               "(default: $A2K_REGISTRY, else $A2K_HOME/models)")]
 BatchSize = Annotated[int, Field(ge=1, le=8192, description="images per GPU/CPU batch")]
+AutoBatchSize = Annotated[int, Field(
+    ge=1, le=8192, description="images per batch; unset: the largest that fits the free GPU memory, at most 256 "
+                               "(64 on the CPU)")]
 ShardSize = Annotated[int, Field(ge=1, le=1_000_000, description="images per shard (one task and one Parquet part each)")]
 TopK = Annotated[int, Field(ge=1, le=1000, description="how many best classes to keep per image")]
 DeviceSpec = Annotated[str, AfterValidator(check_device_spec), Field(description="auto, cpu, cuda or cuda:N")]
-Threads = Annotated[int, Field(ge=1, le=256, description="DALI CPU threads")]
+Threads = Annotated[int, Field(ge=1, le=256, description="DALI CPU threads (unset: the usable cores, at most 16)")]
 Epochs = Annotated[int, Field(ge=1, le=10_000)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 HwDecoderLoad = Annotated[float, Field(ge=0.0, le=1.0, description="share of JPEG decoding on the GPU's hardware decoder")]
-GpuMemoryGb = Annotated[float, Field(gt=0, le=4096, description="GiB of GPU memory to use, e.g. 6 to run as an RTX A2000 6 GB")]
+GpuMemoryGb = Annotated[float, Field(
+    gt=0, le=4096, description="use at most this many GiB of GPU memory (e.g. 6, as an RTX A2000 6 GB; unset: "
+                               "no cap); on out-of-memory batches halve")]
 TaskRunnerChoice = Annotated[
     TaskRunnerKind,
-    Field(description="local: shards one at a time in the flow's process; dask: on a Dask cluster (prefect-dask)"),
+    Field(description="local: shards in the flow's process; dask: on a Dask cluster (a temporary one, or the scheduler "
+                      "at --dask-address)"),
 ]
-DaskAddress = Annotated[str, Field(min_length=1, description="address of a running Dask scheduler, e.g. tcp://host:8786")]
-DaskWorkers = Annotated[int, Field(ge=1, le=1024, description="workers of the temporary local Dask cluster")]
+DaskAddress = Annotated[str, Field(min_length=1, description="address of a running Dask scheduler, e.g. tcp://host:8786 "
+                                                             "(unset: a temporary local cluster)")]
+DaskWorkers = Annotated[int, Field(ge=1, le=1024, description="workers of the temporary local Dask cluster "
+                                                        "(unset: one per GPU; on the CPU one per 2 cores, at most 4)")]
+Overwrite = Annotated[bool, Field(description="replace parts in the output left by another input, model or setting")]
+FullRun = Annotated[bool, Field(description="classify every image again (otherwise only images new or changed since "
+                                            "the last committed run)")]
+
+
+def check_input_source(v: str) -> str:
+    """An input that exists (a folder or manifest, or a store prefix holding objects), as a full path or URL."""
+    if is_url(v):
+        return _check_store_input(v)
+    if not Path(v).expanduser().exists():
+        raise ValueError(f"input {v!r} does not exist; give a folder of images or a .parquet manifest")
+    return str(Path(v).expanduser().resolve())
+
+
+def check_output_target(v: str) -> str:
+    """An output that takes writes (created when it does not exist), as a full path or URL."""
+    if is_url(v):
+        return _check_store_output(v)
+    path = Path(v).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output {v!r} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".a2k-write-probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output {v!r} is not writable: {e.strerror or e}") from None
+    return str(path)
+
+
+def _check_store_input(v: str) -> str:
+    """An input in object storage: a .parquet manifest object, or a prefix holding at least one object."""
+    fs, path = filesystem(v)
+    fs.invalidate_cache(path)
+    try:
+        if v.lower().endswith(".parquet"):
+            if not fs.isfile(path):
+                raise ValueError(f"input manifest {v!r} does not exist")
+        elif not fs.isdir(path):  # on S3 a prefix exists while an object is under it
+            what = "is an object but not a .parquet manifest" if fs.isfile(path) else "does not exist or holds nothing"
+            raise ValueError(f"input {v!r} {what}; give a prefix of images (s3://bucket/prefix) or a .parquet manifest")
+    except OSError as e:  # e.g. access denied
+        raise ValueError(f"input {v!r} cannot be read: {redact(str(e))}") from None
+    return full_url(fs, path)
+
+
+def _check_store_output(v: str) -> str:
+    """An output in object storage: its bucket must exist (it is never created) and take a write under `_a2k/`."""
+    out = Output(v)
+    bucket = out.root.split("/", 1)[0]
+    try:
+        if not out.fs.exists(bucket):
+            raise ValueError(f"output {v!r}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                             "create it or give an existing bucket")
+        probe = out.new_probe()
+        out.fs.pipe_file(probe, b"")
+        out.fs.rm(probe)
+    except OSError as e:
+        raise ValueError(f"output {v!r} is not writable: {redact(str(e))}") from None
+    return out.url_of(out.root)

@@ -10,9 +10,8 @@ import sys
 
 # The GPU takes work from a few hardware queues, 8 by default, shared by all the process's CUDA streams: DALI's
 # decoder alone uses dozens, so the model's stream shares a queue with some of them and each waits behind the
-# other's unrelated work; decoding and inference then take turns on the card instead of overlapping (measured on
-# an H200: decode 20 ms a batch alone, 67 ms beside the model with 8 queues, 20 ms with 32; bench/NOTES.md,
-# variant 14). The driver reads this when CUDA starts in the process (before any CUDA call of a2k's); a value
+# other's unrelated work; decoding and inference then take turns on the card instead of overlapping
+# (bench/NOTES.md, variant 14). The driver reads this when CUDA starts in the process (before any CUDA call of a2k's); a value
 # the user set is kept.
 _SET_BY_USER = "CUDA_DEVICE_MAX_CONNECTIONS" in os.environ
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")

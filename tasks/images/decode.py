@@ -77,8 +77,7 @@ def _image_pipeline(pre: Preprocessing, decode_device: str, augment: Augmentatio
     from nvidia.dali import fn, types
 
     # no_copy: DALI reads the encoded bytes where they lie (a read arena, shared memory, a bytes object) instead of
-    # copying them in `feed_input`, which holds the GIL the other stages need (a third of a shard's decode thread on
-    # the H200). Callers keep each batch's buffers unchanged until its output is taken: the read arenas come round
+    # copying them in `feed_input`, which holds the GIL the other stages need (bench/NOTES.md, variant 18). Callers keep each batch's buffers unchanged until its output is taken: the read arenas come round
     # again only ARENAS batches later (tasks.classify.shard), and a stream batch holds its blobs until then.
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, no_copy=True)
     decoder_args = {"hw_decoder_load": hw_decoder_load} if decode_device == "mixed" else {}

@@ -56,7 +56,7 @@ def test_reader_processes_and_their_memory_go_when_the_owner_is_killed(tmp_path)
          "r = ProcessReaders(workers=2, slots=2, slot_bytes=1 << 20)\n"
          "print(' '.join(str(p.pid) for p in r._pool._processes.values()), flush=True)\n"
          "import time; time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))))
     readers = [int(p) for p in owner.stdout.readline().split()]
     assert len(readers) == 2
     owner.send_signal(signal.SIGKILL)
