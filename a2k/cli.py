@@ -1,4 +1,9 @@
-"""The `a2k` command line: each command runs a Prefect flow or a registry verb."""
+"""The `a2k` command line: each command runs a Prefect flow or a registry verb.
+
+A flow command checks its arguments against the flow's signature before anything heavy is imported; in a fresh
+process (Prefect not yet loaded) `classify` then starts Prefect's temporary server, when no server is configured,
+and builds its shard worker while the server comes up (a2k.server, flows.classify_images.prepare_worker).
+"""
 
 from __future__ import annotations
 
@@ -6,63 +11,134 @@ import argparse
 import json
 import os
 import sys
+import threading
+import time
 from typing import Any
 
 from a2k import cli_compress, cli_models
-from a2k.cli_flows import add_flow_arguments, check_flow_arguments, flow_arguments
+from a2k.cli_flows import FlowSpec, add_flow_arguments, check_flow_arguments, flow_arguments
+
+FLOWS = {
+    "classify": (FlowSpec("flows.classify_images", "classify_images"), ("input", "output"),
+                 "classify a folder of images (or a .parquet manifest) into Parquet"),
+    "train": (FlowSpec("flows.train_model", "train_model"), ("dataset",),
+              "train a classifier on <root>/<class>/<file> and register it"),
+    "demo": (FlowSpec("flows.demo", "demo"), (),
+             "digits dataset -> train seed-cnn -> promote -> classify the test split"),
+}
+SERVER_TIMEOUT_S = 180.0  # a cold machine's first start (database migrations) can take long
 
 
 def _parser(command: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="a2k", description="GPU batch image classification to Parquet.")
     sub = p.add_subparsers(dest="command", required=True)
-
-    c = sub.add_parser("classify", help="classify a folder of images (or a .parquet manifest) into Parquet")
-    if command == "classify":  # the flow's signature, imported only when its command runs
-        from flows.classify_images import classify_images
-
-        add_flow_arguments(c, classify_images.fn, positional=("input", "output"))
-
-    t = sub.add_parser("train", help="train a classifier on <root>/<class>/<file> and register it")
-    if command == "train":
-        from flows.train_model import train_model
-
-        add_flow_arguments(t, train_model.fn, positional=("dataset",))
-
-    d = sub.add_parser("demo", help="digits dataset -> train seed-cnn -> promote -> classify the test split")
-    if command == "demo":
-        from flows.demo import demo
-
-        add_flow_arguments(d, demo.fn)
-
+    for name, (spec, positional, text) in FLOWS.items():
+        c = sub.add_parser(name, help=text, description=text)
+        if command == name:  # the options of the command given (read from the flow's source: cheap, but not free)
+            add_flow_arguments(c, spec, positional)
     cli_models.add_parsers(sub)
     cli_compress.add_parsers(sub)
     return p
 
 
-def _flow_call(flow: Any, args: argparse.Namespace, checks: dict[str, Any] | None = None) -> Any:
-    """Run `flow` with the command's arguments, checked against its signature (and `checks`) before any Prefect
-    work."""
-    return flow(**check_flow_arguments(flow.fn, flow_arguments(args, flow.fn), checks))
+def _process_age() -> float:
+    """Seconds since this process was exec'd (Linux: /proc/self/stat), else since the CLI module loaded."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _LOADED
+
+
+_LOADED = time.perf_counter()
+
+
+def _classify(args: argparse.Namespace) -> dict[str, Any]:
+    """The classify command: checks, then (fresh process) the temporary server and the shard worker in parallel
+    with the imports, then the flow; says where the start-up went."""
+    from flows.params import check_input_source, check_output_target
+
+    spec = FLOWS["classify"][0]
+    params = check_flow_arguments(spec, flow_arguments(args, spec),
+                                  {"input": check_input_source, "output": check_output_target})
+    steps = {"checks": _process_age()}
+    fresh = "prefect" not in sys.modules  # an in-process caller (tests, a notebook) keeps Prefect's own way
+    server = None
+    if fresh:
+        from a2k.server import TemporaryServer, temporary_server_wanted
+
+        server = TemporaryServer() if temporary_server_wanted() else None
+    t0 = time.perf_counter()
+    flow = spec.load()
+    from flows.classify_images import prepare_worker
+    from tasks.runner import TaskRunnerKind
+
+    steps["imports"] = time.perf_counter() - t0
+    worker: dict[str, Any] = {}
+    warm = None
+    if fresh and params["task_runner"] is TaskRunnerKind.LOCAL:
+        def build() -> None:
+            try:
+                worker["seconds"] = prepare_worker(
+                    params["model"], params["registry"], params["device"], params["batch_size"],
+                    params["num_threads"], params["hw_decoder_load"], params["gpu_memory_gb"])
+            except Exception as e:  # noqa: BLE001 - the run builds it again and raises what it meets
+                worker["error"] = e
+
+        warm = threading.Thread(target=build, name="a2k-prepare-worker", daemon=True)
+        warm.start()
+    if server is not None:
+        steps["server wait"] = server.wait_ready(SERVER_TIMEOUT_S)
+        steps["server up"] = time.perf_counter() - server.started
+    began = _process_age()
+    try:
+        summary = flow(**params)
+    finally:
+        if warm is not None:
+            warm.join()
+    if "seconds" in worker:
+        steps["worker"] = worker["seconds"]
+    started = summary.get("first_batch_at")
+    first = (time.time() - started) if started else None  # how long ago the first batch reached the model
+    total = _process_age()
+    summary["startup"] = {"flow_began_s": round(began, 2), **{k: round(v, 2) for k, v in steps.items()},
+                          "first_batch_s": round(total - first, 2) if first is not None else None,
+                          "process_s": round(total, 2)}
+    return summary
+
+
+def _startup_line(s: dict[str, Any]) -> str:
+    st = s["startup"]
+    parts = [f"checks {st['checks']:.1f}", f"imports {st['imports']:.1f}"]
+    if "server up" in st:
+        parts.append(f"server {st['server up']:.1f} (parallel; waited {st['server wait']:.1f})")
+    if "worker" in st:
+        parts.append(f"model+decoder {st['worker']:.1f} (parallel)")
+    first = f"first batch at {st['first_batch_s']:.1f} s" if st["first_batch_s"] is not None else "no batch"
+    return f"started: flow at {st['flow_began_s']:.1f} s, {first} ({', '.join(parts)}); {st['process_s']:.1f} s in all"
+
+
+def _flow_call(name: str, args: argparse.Namespace) -> Any:
+    """Run the command's flow with its arguments, checked against its signature before any Prefect work."""
+    spec = FLOWS[name][0]
+    params = check_flow_arguments(spec, flow_arguments(args, spec))
+    return spec.load()(**params)
 
 
 def _run(args: argparse.Namespace) -> None:
     if args.command == "classify":
-        from flows.classify_images import classify_images
-        from flows.params import check_input_source, check_output_target
-
-        s = _flow_call(classify_images, args, {"input": check_input_source, "output": check_output_target})
+        s = _classify(args)
         print(f"{s['predicted']} predicted, {s['errors']} errors of {s['listed']} images, "
               f"{s['images_per_second']} images/s on {s['device']}")
         print(f"model {s['model']['name']} v{s['model']['version']}; predictions: {s['output']}  "
               f"(errors in {s['output']}/_errors)")
+        print(_startup_line(s))
     elif args.command == "train":
-        from flows.train_model import train_model
-
-        print(json.dumps(_flow_call(train_model, args), indent=2))
+        print(json.dumps(_flow_call("train", args), indent=2))
     elif args.command == "demo":
-        from flows.demo import demo
-
-        r = _flow_call(demo, args)
+        r = _flow_call("demo", args)
         acc = r["accuracy"]
         print()
         print(f"test accuracy (from the Parquet): {acc['accuracy']:.2%} ({acc['correct']}/{acc['labelled']})")
@@ -75,20 +151,27 @@ def _run(args: argparse.Namespace) -> None:
         cli_models.run(args)
 
 
+def _is_refusal(e: BaseException) -> bool:
+    """A bad argument or a refused request (printed as one line), not a failure of a2k's."""
+    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError)):  # pydantic's ValidationError included
+        return True
+    exceptions = sys.modules.get("prefect.exceptions")
+    return exceptions is not None and isinstance(e, exceptions.ParameterTypeError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the temporary server's first start (database migrations) can outlast Prefect's 20 s default on a cold machine
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(int(SERVER_TIMEOUT_S)))
     # warnings of the plain functions (e.g. GPU out-of-memory back-off) show in the Prefect run's log
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
-    from prefect.exceptions import ParameterTypeError
-    from pydantic import ValidationError
-
     try:
         _run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ParameterTypeError, ValidationError) as e:
+    except Exception as e:
+        if not _is_refusal(e):
+            raise
         print(f"a2k: error: {e}", file=sys.stderr)
         return 2
     return 0

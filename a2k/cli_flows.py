@@ -1,15 +1,25 @@
 """A flow's command-line options, derived from its signature: the signature is the one list of a flow's parameters
 (their types, constraints, defaults and help, as `Annotated[..., Field(description=...)]`), read by Prefect for a
-deployment's schema and its UI form, and here for argparse and for the checks made before any Prefect work."""
+deployment's schema and its UI form, and here for argparse and for the checks made before any Prefect work.
+
+The signature is read from the flow module's source (its annotations and defaults evaluated among flows.params'
+names), without importing the module: that would import Prefect and torch, seconds before a bad argument could be
+refused. tests/test_cli_flows.py checks that what is read equals the imported function's signature.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import enum
+import functools
+import importlib.util
 import inspect
 import types
 import typing
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -34,52 +44,75 @@ def _unwrap(hint: Any) -> tuple[Any, str | None, bool]:
             return hint, description, optional
 
 
-def _parameters(fn: Callable) -> list[tuple[inspect.Parameter, Any]]:
-    hints = typing.get_type_hints(fn, include_extras=True)
-    return [(p, hints.get(name, str)) for name, p in inspect.signature(fn).parameters.items()]
+@dataclass(frozen=True)
+class FlowSpec:
+    """A flow function named by its module and name, e.g. FlowSpec("flows.classify_images", "classify_images")."""
+
+    module: str
+    function: str
+
+    def load(self) -> Any:
+        """The flow itself (this imports its module, Prefect and the rest)."""
+        return getattr(importlib.import_module(self.module), self.function)
 
 
-def add_flow_arguments(parser: argparse.ArgumentParser, fn: Callable, positional: Iterable[str] = (),
-                       helps: dict[str, str] | None = None) -> None:
-    """One argument per parameter of `fn` (a flow's function): `positional` ones by name, the others as
-    `--kebab-case` options. Each option's help is the parameter's description (or `helps[name]`) and its default."""
-    positional, helps = set(positional), helps or {}
-    for p, hint in _parameters(fn):
+@functools.cache
+def flow_parameters(spec: FlowSpec) -> tuple[tuple[str, Any, Any], ...]:
+    """(name, annotation, default) of each parameter of the flow function, read from its module's source;
+    `inspect.Parameter.empty` where there is no default."""
+    import flows.params
+
+    source = Path(importlib.util.find_spec(spec.module).origin).read_text()
+    node = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == spec.function)
+    names = {**vars(flows.params)}
+    args = node.args.args
+    defaults = [inspect.Parameter.empty] * (len(args) - len(node.args.defaults)) + list(node.args.defaults)
+    return tuple((a.arg, eval(ast.unparse(a.annotation), names) if a.annotation else str,  # noqa: S307
+                  d if d is inspect.Parameter.empty else eval(ast.unparse(d), names))  # noqa: S307
+                 for a, d in zip(args, defaults))
+
+
+def add_flow_arguments(parser: argparse.ArgumentParser, spec: FlowSpec, positional: Iterable[str] = ()) -> None:
+    """One argument per parameter of the flow: `positional` ones by name, the others as `--kebab-case` options.
+    Each option's help is the parameter's description and its default."""
+    positional = set(positional)
+    for name, hint, default in flow_parameters(spec):
         base, description, _ = _unwrap(hint)
-        text = helps.get(p.name) or description or ""
-        if p.name in positional:
-            parser.add_argument(p.name, help=text)
+        text = description or ""
+        if name in positional:
+            parser.add_argument(name, help=text)
             continue
-        flag = "--" + p.name.replace("_", "-")
+        flag = "--" + name.replace("_", "-")
         if base is bool:  # a switch: on when given (a parameter that defaults to True also takes --no-NAME)
-            action = argparse.BooleanOptionalAction if p.default is True else "store_true"
-            parser.add_argument(flag, action=action, default=bool(p.default), help=text)
+            action = argparse.BooleanOptionalAction if default is True else "store_true"
+            parser.add_argument(flag, action=action, default=bool(default), help=text)
             continue
-        kwargs: dict[str, Any] = {"dest": p.name, "metavar": p.name.upper()}
+        kwargs: dict[str, Any] = {"dest": name, "metavar": name.upper()}
         if isinstance(base, type) and issubclass(base, enum.Enum):
             kwargs |= {"choices": [m.value for m in base], "metavar": None}
-        if p.default is inspect.Parameter.empty:
+        if default is inspect.Parameter.empty:
             kwargs["required"] = True
         else:
-            kwargs["default"] = p.default
-            if p.default is not None:  # what None means is the description's to say ("unset: ...")
-                shown = p.default.value if isinstance(p.default, enum.Enum) else p.default
+            kwargs["default"] = default
+            if default is not None:  # what None means is the description's to say ("unset: ...")
+                shown = default.value if isinstance(default, enum.Enum) else default
                 text = f"{text} (default: {shown})".strip()
         parser.add_argument(flag, help=text, **kwargs)
 
 
-def flow_arguments(args: argparse.Namespace, fn: Callable) -> dict[str, Any]:
-    """The parsed values of `fn`'s parameters (as strings where typed on the command line)."""
-    return {p.name: getattr(args, p.name) for p, _ in _parameters(fn) if hasattr(args, p.name)}
+def flow_arguments(args: argparse.Namespace, spec: FlowSpec) -> dict[str, Any]:
+    """The parsed values of the flow's parameters (as strings where typed on the command line)."""
+    return {name: getattr(args, name) for name, _, _ in flow_parameters(spec) if hasattr(args, name)}
 
 
-def check_flow_arguments(fn: Callable, values: dict[str, Any],
+def check_flow_arguments(spec: FlowSpec, values: dict[str, Any],
                          checks: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
-    """`values` checked and converted against `fn`'s signature, as Prefect checks a run's parameters, but before
+    """`values` checked and converted against the flow's signature, as Prefect checks a run's parameters, but before
     any Prefect work (no server, no flow run), then through `checks` (the flow's own checks that need the
     filesystem, by parameter). Raises ValueError with one line per bad value."""
-    fields = {p.name: (hint, ... if p.default is inspect.Parameter.empty else p.default) for p, hint in _parameters(fn)}
-    model = pydantic.create_model(f"{fn.__name__}_parameters", __config__=pydantic.ConfigDict(extra="forbid"),
+    fields = {name: (hint, ... if default is inspect.Parameter.empty else default)
+              for name, hint, default in flow_parameters(spec)}
+    model = pydantic.create_model(f"{spec.function}_parameters", __config__=pydantic.ConfigDict(extra="forbid"),
                                   **fields)
     try:
         checked = model(**values)

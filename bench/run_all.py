@@ -336,12 +336,47 @@ def visible_gpus() -> int:
     return max(1, sum(line.startswith("GPU ") for line in listed.splitlines()))
 
 
-def render(rows: list[Row], args, data: dict, models: list[str], machine: str, command: str) -> str:
+def _fresh_row(result: dict, model: str) -> Row:
+    """A fresh-process result (bench.fresh_runs) as a row, its fixed cost in the notes."""
+    from bench.fresh_runs import describe
+
+    fixed = (f"fixed cost {result['fixed_s']:,.1f} s at {result['steady_rate']:,.0f} images/s "
+             f"({result['steady_from']}); " if result.get("fixed_s") is not None else "")
+    return Row("0. fresh process, exec to exit", model, variant=result["title"], images=result["images"],
+               seconds=result.get("wall_s") if not result.get("error") else None,
+               notes=fixed + describe(result), error=result.get("error", ""), extra={"fresh": result})
+
+
+def _fresh_lines(rows: list[Row], model: str) -> tuple[list[str], list[str]]:
+    """(table rows, ratio lines) of the fresh-process runs: the largest size first (the headline); a2k's fixed
+    cost against its warm in-process run where there is one, else fitted from two sizes."""
+    from bench import fresh_runs
+
+    fresh = [r.extra["fresh"] for r in rows if "fresh" in r.extra]
+    if not fresh:
+        return [], []
+    warm = _find(rows, "3.", model, "warm")
+    fresh_runs.fit_fixed_costs(fresh, {"temporary": warm and warm.rate, "server": warm and warm.rate})
+    for f in fresh:
+        if warm and f["kind"] != "peer" and f.get("steady_rate"):
+            f["steady_from"] = "the warm in-process run"
+    table = [_row_line(_fresh_row(f, model)) for f in fresh_runs.headline_order(fresh)]
+    return table, ["", "a2k fresh / DALI peer (same size, both a new process, images/s over exec to exit):", "",
+                   *fresh_runs.ratio_lines(fresh)]
+
+
+def render(rows: list[Row], args, data: dict | None, models: list[str], machine: str, command: str) -> str:
+    data_line = ("Data: no in-process stage run" if data is None else
+                 f"Data: {data['count']:,} files ({'hard links' if data['link'] else 'copies'} of {data['distinct']} "
+                 f"distinct images, mean {data['mean_kb']} kB, from `{data['source']}`)")
+    if args.fresh_sizes:
+        data_line += (f" · fresh runs: {', '.join(f'{n:,}' for n in sorted(set(args.fresh_sizes)))} files, "
+                      f"{models[0]} only, not capped")
+    fresh_table, fresh_ratios = _fresh_lines(rows, models[0])
     lines = [
         f"## One-run benchmark (issue #7), {time.strftime('%Y-%m-%d %H:%M %Z')}", "",
         f"Machine: {machine}", "",
-        f"Data: {data['count']:,} files ({'hard links' if data['link'] else 'copies'} of {data['distinct']} distinct "
-        f"images, mean {data['mean_kb']} kB, from `{data['source']}`) · models: {', '.join(models)} · batch "
+        f"{data_line} · models: {', '.join(models)} · batch "
         f"{args.batch_size} · hw_decoder_load {args.hw_decoder_load} · gpu_memory_gb {args.gpu_memory_gb or 'not capped'}"
         f" · device {args.device} · task runner {args.task_runner}"
         f"{f' at {args.dask_address} (long-lived workers)' if args.dask_address else ''}", "",
@@ -349,12 +384,13 @@ def render(rows: list[Row], args, data: dict, models: list[str], machine: str, c
         "| stage | variant | model | images | seconds | images/s | peak RSS MiB | notes |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    lines += [_row_line(r) for r in rows]
+    lines += fresh_table + [_row_line(r) for r in rows if "fresh" not in r.extra]
     lines += ["", "Ratios (a2k's warm run; Ray Data: its best run; the decode ceiling at the configured load):", "",
               "| model | a2k images/s | min(decode, model ceiling) | a2k / ceiling | a2k / PIL DataLoader | "
               "a2k / naive | a2k / Ray Data |", "|---|---|---|---|---|---|---|"]
     gpus = visible_gpus() if args.task_runner == "dask" else 1
     lines += [_ratios(rows, m, args.hw_decoder_load, gpus) for m in models]
+    lines += fresh_ratios
     for m in models:
         runs = [r for r in rows if r.stage.startswith("3.") and r.model == m and r.rate]
         if runs:
@@ -390,8 +426,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dask-address", default=None,
                    help="with --task-runner dask: a running scheduler (long-lived workers, e.g. `dask cuda worker`) "
                         "instead of a temporary cluster; its workers are assumed to be this machine's visible GPUs")
+    p.add_argument("--fresh-sizes", type=int, nargs="+", default=None,
+                   help="also `a2k classify` as a new process (temporary server, running server) and the DALI peer "
+                        "script, exec to exit, at these sizes (bench.fresh_runs), e.g. 1000 100000")
     p.add_argument("--stages", nargs="+", default=None, help="a subset of the stages (default: all)",
-                   choices=["decode_ceiling", "model_ceiling", "a2k", "pil_dataloader", "naive", "ray_data"])
+                   choices=["fresh", "decode_ceiling", "model_ceiling", "a2k", "pil_dataloader", "naive", "ray_data"])
     p.add_argument("--stage-timeout", type=float, default=1800)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "a2k-bench-all")
     p.add_argument("--results", type=Path, default=None, help="Markdown file to append the dated section to")
@@ -401,6 +440,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.stage and args.data is None:
         p.error("--data is required")
+    if args.stages and "fresh" in args.stages and not args.fresh_sizes:
+        p.error("--stages fresh needs --fresh-sizes")
+    if args.fresh_sizes and min(args.fresh_sizes) < 1:
+        p.error(f"--fresh-sizes {args.fresh_sizes} must be at least 1")
     if args.replicate_to < 1 or args.batch_size < 1:
         p.error("--replicate-to and --batch-size must be at least 1")
     if args.dask_address and args.task_runner != "dask":
@@ -447,6 +490,19 @@ def _plan(args, images: str, models: list[tuple[str, str]]) -> list[tuple[str, s
     return [p for p in plan if args.stages is None or p[0] in args.stages]
 
 
+def _fresh_stage(args, label: str, model_dir: str, env: dict) -> list[Row]:
+    """The fresh-process runs of bench.fresh_runs on the first model, each run a new process under
+    --stage-timeout; they print their rows as they go."""
+    from bench.fresh_runs import FreshConfig, run_fresh
+
+    cfg = FreshConfig(args.data, tuple(args.fresh_sizes), model_dir, args.workdir / "fresh", args.batch_size,
+                      args.device, args.num_threads, args.hw_decoder_load, args.link, args.stage_timeout)
+    print(f"[{time.strftime('%H:%M:%S')}] 0. fresh processes ({label}): {', '.join(map(str, cfg.sizes))} images",
+          flush=True)
+    results, _primes = run_fresh(cfg, env)
+    return [_fresh_row(r, label) for r in results]
+
+
 def _child_env(workdir: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
@@ -464,14 +520,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     images = str(args.workdir / "images")
-    data = replicate(args.data, Path(images), args.replicate_to, args.link)
     models = [model_dir_for(args.model, args.workdir)]
     if args.compressed_model:
         label, directory = model_dir_for(args.compressed_model, args.workdir)
         models.append((f"{label} (compressed)" if label == models[0][0] else label, directory))
     env = _child_env(args.workdir)
+    plan = _plan(args, images, models)
+    data = replicate(args.data, Path(images), args.replicate_to, args.link) if plan else None
     rows: list[Row] = []
-    for name, title, label, kwargs in _plan(args, images, models):
+    if args.fresh_sizes and (args.stages is None or "fresh" in args.stages):
+        rows += _fresh_stage(args, *models[0], env)  # first: the headline, and shown even if a later stage hangs
+    for name, title, label, kwargs in plan:
         rows += _run_stage(name, title, label, kwargs, args.workdir, args.stage_timeout, env)
     command = "python -m bench.run_all " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = render(rows, args, data, [m for m, _ in models], machine_line(env), command)

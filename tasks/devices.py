@@ -1,11 +1,16 @@
-"""Resolve a device string (auto | cpu | cuda | cuda:N) to what torch and DALI each need."""
+"""Resolve a device string (auto | cpu | cuda | cuda:N) to what torch and DALI each need.
+
+torch is imported where the hardware is asked, not with the module: a parameter's spelling is checked without it
+(the CLI refuses a bad one before torch loads)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -29,6 +34,8 @@ class Device:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         return torch.device(str(self))
 
     @property
@@ -41,6 +48,8 @@ class Device:
 
 def available_devices() -> list[str]:
     """Every device string that `resolve_device` accepts on this machine, for error messages."""
+    import torch
+
     return ["auto", "cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + (
         ["cuda"] if torch.cuda.is_available() else []
     )
@@ -58,6 +67,8 @@ def resolve_device(spec: str = "auto") -> Device:
     check_device_spec(spec)
     if spec == "cpu":
         return Device("cpu")
+    import torch
+
     if spec == "auto":
         return Device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else Device("cpu")
     index = torch.cuda.current_device() if spec == "cuda" and torch.cuda.is_available() else int(spec.partition(":")[2] or 0)
@@ -68,6 +79,8 @@ def resolve_device(spec: str = "auto") -> Device:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """A CUDA allocation failure, from torch or from DALI (which raises RuntimeError with CUDA's message)."""
+    import torch
+
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return True
     text = str(error).lower()

@@ -16,6 +16,31 @@ IMAGENET_SAMPLE = SHARED / "imagenet-sample"
 ODD_IMAGES = SHARED / "odd-images"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu_memory(gib): needs that many GiB free on cuda:0 when the test starts; "
+                                       "skipped with what is free otherwise (the card may be shared)")
+
+
+def needs_gpu_memory(gib: float, device: int = 0) -> None:
+    """Skip the calling test unless cuda:`device` has `gib` GiB free now. Tests that size their batch from the
+    free memory (batch_size=None, fit_batch_size) or cap it (gpu_memory_gb) fail on a card other processes
+    fill ("not even one image fits: 0.07 GiB free"); that says nothing about a2k."""
+    if not torch.cuda.is_available():
+        pytest.skip(f"needs a CUDA GPU with {gib:g} GiB free")
+    free, total = torch.cuda.mem_get_info(device)
+    if free < gib * 2**30:
+        pytest.skip(f"needs {gib:g} GiB free on cuda:{device}; {free / 2**30:.2f} GiB of {total / 2**30:.1f} GiB "
+                    "is free (other processes hold the rest)")
+
+
+@pytest.fixture(autouse=True)
+def _gpu_memory_mark(request):
+    """`@pytest.mark.gpu_memory(GIB)`: `needs_gpu_memory(GIB)` before the test's other fixtures run."""
+    mark = request.node.get_closest_marker("gpu_memory")
+    if mark is not None:
+        needs_gpu_memory(*mark.args, **mark.kwargs)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

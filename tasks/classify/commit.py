@@ -107,6 +107,8 @@ def commit_run(
         "images_per_second": round(processed / busy, 1) if busy > 0 else None,
         "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
         "reading": sorted({o.reading for o in outcomes if o.reading}),  # how local files were read, per worker kind
+        # when the card (or CPU) had this run's first decoded batch: a fresh process's start-up ends there
+        "first_batch_at": min((o.first_batch_at for o in outcomes if o.first_batch_at), default=None),
         "parts": sorted(parts),
         "generation": plan.base_generation + 1,
         "state": state_url,

@@ -51,6 +51,7 @@ class ShardOutcome:
     resumed: bool = False
     waits: str = ""  # ShardTiming.describe()
     reading: str = ""  # how local files were read: ShardClassifier.reading
+    first_batch_at: float = 0.0  # time.time() when the model had the shard's first batch (0: none)
 
 
 def part_key(shard: Shard, entry: ModelEntry, top_k: int) -> str:

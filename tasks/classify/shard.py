@@ -69,6 +69,7 @@ class ShardTiming:
     model_for_decode: float = 0.0
     decode_for_reads: float = 0.0
     decode_for_model: float = 0.0
+    first_batch_at: float = 0.0  # time.time() when the model had the first decoded batch
 
     def describe(self) -> str:
         return (f"model waited {self.model_for_decode:.2f}s for decode, decode {self.decode_for_reads:.2f}s for "
@@ -199,6 +200,7 @@ class ShardClassifier:
                 err_rows += [(uris[i], f) for i, f in batch.failures]
                 if batch.images is None:
                     continue
+                timing.first_batch_at = timing.first_batch_at or time.time()
                 if batch.ready is not None:
                     self.model_stream.wait_event(batch.ready)
                     batch.images.record_stream(self.model_stream)
@@ -372,4 +374,5 @@ def classify_shard(shard: Shard, out: Output, key: str, worker: ShardClassifier,
         write_seconds=time.perf_counter() - t0,
         waits=timing.describe(),
         reading=worker.reading,
+        first_batch_at=timing.first_batch_at,
     )

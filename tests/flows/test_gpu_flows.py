@@ -29,6 +29,7 @@ def test_gpu_training_and_fp16_classification_agree_with_the_cpu_path(digits_dir
     assert scores.max() < 0.02
 
 
+@pytest.mark.gpu_memory(2)  # the 1.5 GiB cap must be free to be set
 def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, caplog):
     """ResNet-50 at batch 512 needs more than 1.5 GiB of activations: with that budget the forward pass
     runs out of memory, halves until it fits, and every image still gets exactly one row."""

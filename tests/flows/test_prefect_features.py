@@ -128,6 +128,7 @@ def test_a_cpu_run_does_not_need_the_gpu_limit(photos_dir, seed_model_dir, tmp_p
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_memory(1)  # the run sizes its batch from the free memory
 def test_a_cuda_run_waits_while_another_flow_holds_the_card(photos_dir, seed_model_dir, tmp_path, gpu_limit):
     out, result = tmp_path / "out", {}
     run = threading.Thread(target=lambda: result.update(classify_images(
