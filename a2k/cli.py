@@ -70,25 +70,27 @@ def _classify(args: argparse.Namespace) -> dict[str, Any]:
         from a2k.server import TemporaryServer, temporary_server_wanted
 
         server = TemporaryServer() if temporary_server_wanted() else None
-    t0 = time.perf_counter()
-    flow = spec.load()
-    from flows.classify_images import prepare_worker
-    from tasks.runner import TaskRunnerKind
-
-    steps["imports"] = time.perf_counter() - t0
     worker: dict[str, Any] = {}
     warm = None
-    if fresh and params["task_runner"] is TaskRunnerKind.LOCAL:
-        def build() -> None:
+    if fresh and params["task_runner"].value == "local":
+        def build() -> None:  # needs torch and DALI, not Prefect: it overlaps the flow module's import below
+            t = time.perf_counter()
             try:
-                worker["seconds"] = prepare_worker(
-                    params["model"], params["registry"], params["device"], params["batch_size"],
-                    params["num_threads"], params["hw_decoder_load"], params["gpu_memory_gb"])
+                from tasks.classify.shard import prepare_shard_worker
+
+                built = prepare_shard_worker(params["model"], params["registry"], params["device"],
+                                             params["batch_size"], params["num_threads"], params["hw_decoder_load"],
+                                             params["gpu_memory_gb"])
+                worker["seconds"] = time.perf_counter() - t
+                worker["steps"] = {"imports": worker["seconds"] - built.build_seconds, **built.build_steps}
             except Exception as e:  # noqa: BLE001 - the run builds it again and raises what it meets
                 worker["error"] = e
 
         warm = threading.Thread(target=build, name="a2k-prepare-worker", daemon=True)
         warm.start()
+    t0 = time.perf_counter()
+    flow = spec.load()
+    steps["imports"] = time.perf_counter() - t0
     if server is not None:
         steps["server wait"] = server.wait_ready(SERVER_TIMEOUT_S)
         steps["server up"] = time.perf_counter() - server.started
@@ -100,6 +102,7 @@ def _classify(args: argparse.Namespace) -> dict[str, Any]:
             warm.join()
     if "seconds" in worker:
         steps["worker"] = worker["seconds"]
+        steps |= {f"worker {k}": v for k, v in worker["steps"].items()}
     started = summary.get("first_batch_at")
     first = (time.time() - started) if started else None  # how long ago the first batch reached the model
     total = _process_age()
@@ -115,7 +118,8 @@ def _startup_line(s: dict[str, Any]) -> str:
     if "server up" in st:
         parts.append(f"server {st['server up']:.1f} (parallel; waited {st['server wait']:.1f})")
     if "worker" in st:
-        parts.append(f"model+decoder {st['worker']:.1f} (parallel)")
+        inner = ", ".join(f"{k.removeprefix('worker ')} {v:.1f}" for k, v in st.items() if k.startswith("worker "))
+        parts.append(f"shard worker {st['worker']:.1f} (parallel: {inner})")
     first = f"first batch at {st['first_batch_s']:.1f} s" if st["first_batch_s"] is not None else "no batch"
     return f"started: flow at {st['flow_began_s']:.1f} s, {first} ({', '.join(parts)}); {st['process_s']:.1f} s in all"
 

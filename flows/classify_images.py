@@ -24,7 +24,6 @@ from tasks.classify.commit import commit_run, shard_table, summary_markdown
 from tasks.classify.output import Output, part_name
 from tasks.classify.plan import PlannedShard, RunContext, RunPlan, ShardOutcome, plan_run, resumed_outcome
 from tasks.classify.prefect_tasks import classify_shard_task
-from tasks.classify.shard import shard_classifier
 from tasks.devices import resolve_device
 from tasks.images.prefect_tasks import list_images_task
 from tasks.models.entry import read_entry
@@ -154,19 +153,3 @@ def _classify_shards(
     if failures:
         raise failures[0]
     return outcomes
-
-
-def prepare_worker(
-    model: str, registry: str | None, device: str, batch_size: int | None, num_threads: int | None,
-    hw_decoder_load: float, gpu_memory_gb: float | None,
-) -> float:
-    """Build the shard worker (model on its device, DALI pipeline, CUDA graph, reader processes) that an
-    in-process run of these parameters asks for, before the run: a fresh `a2k classify` does it while Prefect's
-    server starts, and the run's shard tasks find it built (`shard_classifier` keys it on the same values).
-    Returns the seconds it took."""
-    t0 = time.perf_counter()
-    _, local_dir = resolve_model(model, registry)
-    entry = read_entry(local_dir)
-    shard_classifier(str(local_dir), entry.weights_sha256, str(resolve_device(device)), batch_size, num_threads,
-                     hw_decoder_load, gpu_memory_gb)
-    return time.perf_counter() - t0

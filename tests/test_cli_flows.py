@@ -87,7 +87,7 @@ def test_a_fresh_process_classifies_with_its_own_temporary_server_and_leaves_not
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     line = next(x for x in out.splitlines() if x.startswith("started:"))
-    assert "server" in line and "(parallel" in line and "model+decoder" in line and "first batch at" in line
+    assert "server" in line and "(parallel" in line and "shard worker" in line and "first batch at" in line
     listed = len(list(photos_dir.rglob("*.*")))
     rows = pq.read_table(tmp_path / "out").num_rows
     errors = pq.read_table(tmp_path / "out" / "_errors").num_rows if (tmp_path / "out" / "_errors").exists() else 0

@@ -31,7 +31,7 @@ from tasks.images.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
 from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders, read_processes_available
 from tasks.classify.output import Output, part_name
 from tasks.classify.plan import RunContext, ShardOutcome, read_shard_rows
-from tasks.classify.infer import Classifier, fit_batch_size, limit_gpu_memory
+from tasks.classify.infer import MAX_AUTO_BATCH, Classifier, fit_batch_size, limit_gpu_memory
 from tasks.images.manifest import Shard
 from tasks.classify.sink import ERROR_SCHEMA, PREDICTION_SCHEMA, write_part
 from tasks.storage import is_url
@@ -103,18 +103,37 @@ class ShardClassifier:
                         "CUDA_DEVICE_MAX_CONNECTIONS=32 came too late: decoding and the model may take turns on the "
                         "card (DALI's decoding ~3x slower beside the model on an H200, bench/NOTES.md variant 14). "
                         "Import a2k first, or set CUDA_DEVICE_MAX_CONNECTIONS=32 before the process starts")
+        t0 = time.perf_counter()
         self.ballast = limit_gpu_memory(self.device, gpu_memory_gb) if gpu_memory_gb else None
-        self.classifier = Classifier(model_dir, self.device)
-        self.class_names = pa.array(list(self.classifier.entry.class_names), pa.string())
-        pre = self.classifier.entry.preprocessing
-        if batch_size is None:
-            fit = fit_batch_size(self.classifier, pre)
-            log.info("automatic batch size on %s: %s", self.device, fit.describe())
-            batch_size = fit.batch_size
-        self.batch_size = batch_size
-        if self.device.is_cuda and self.classifier.capture(batch_size):
-            log.info("%s captured as a CUDA graph at batch %d", self.classifier.entry.name, batch_size)
-        self.decoder = ImageDecoder(pre, self.device, batch_size, num_threads, hw_decoder_load=hw_decoder_load)
+        # the reader processes (separate processes: their start-up runs in parallel) and, when the batch size is
+        # given, the DALI pipeline build in a thread, while the model loads here; the CUDA graph is recorded once
+        # the decoder is built (no other thread's CUDA work during the capture)
+        steps: dict[str, float] = {}
+        build = ThreadPoolExecutor(max_workers=2, thread_name_prefix="a2k-build")
+        threads = f"{local_readers} reader thread{'s' if local_readers > 1 else ''}"
+        workers = default_read_processes() if read_processes is None else read_processes
+        readers = build.submit(self._timed, steps, "readers", self._start_read_processes, workers, threads,
+                               batch_size or MAX_AUTO_BATCH)
+        decoder = None
+        if batch_size is not None:
+            decoder = build.submit(self._timed, steps, "decoder", self._build_decoder, batch_size, num_threads,
+                                   hw_decoder_load, model_dir)
+        try:
+            self.classifier = self._timed(steps, "model", Classifier, model_dir, self.device)
+            self.class_names = pa.array(list(self.classifier.entry.class_names), pa.string())
+            pre = self.classifier.entry.preprocessing
+            if batch_size is None:
+                fit = self._timed(steps, "batch fit", fit_batch_size, self.classifier, pre)
+                log.info("automatic batch size on %s: %s", self.device, fit.describe())
+                batch_size = fit.batch_size
+            self.batch_size = batch_size
+            self.decoder = decoder.result() if decoder is not None else self._timed(
+                steps, "decoder", self._build_decoder, batch_size, num_threads, hw_decoder_load, model_dir)
+            if self.device.is_cuda and self._timed(steps, "graph", self.classifier.capture, batch_size):
+                log.info("%s captured as a CUDA graph at batch %d", self.classifier.entry.name, batch_size)
+            self.process_readers, self.reading = readers.result()
+        finally:
+            build.shutdown(wait=True)
         self.readers = ThreadPoolExecutor(max_workers=local_readers, thread_name_prefix="a2k-read")
         self.read_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-read-batch")
         self.decode_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-decode")
@@ -122,22 +141,39 @@ class ShardClassifier:
         # not the legacy default stream: DALI's streams wait for all of that one's work, and it for theirs
         self.model_stream = torch.cuda.Stream(self.device.torch_device) if self.device.is_cuda else None
         self.arenas = [ReadArena() for _ in range(ARENAS)]
-        threads = f"{local_readers} reader thread{'s' if local_readers > 1 else ''}"
-        self.process_readers, self.reading = self._start_read_processes(
-            default_read_processes() if read_processes is None else read_processes, threads)
+        self.build_seconds = time.perf_counter() - t0
+        self.build_steps = steps
+        log.info("shard worker ready on %s in %.1f s (%s)", self.device, self.build_seconds,
+                 ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
         # shards given from several threads take tickets: the decode stage (one thread) runs them in ticket order,
         # and so does the model, one shard at a time (the CUDA graph has one input buffer)
         self._model_turn = threading.Condition()
         self._tickets = 0  # the next shard's ticket
         self._serving = 0  # the ticket whose turn it is on the model
 
-    def _start_read_processes(self, workers: int, threads: str) -> tuple[ProcessReaders | None, str]:
+    @staticmethod
+    def _timed(steps: dict[str, float], name: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            steps[name] = time.perf_counter() - t0
+
+    def _build_decoder(self, batch_size: int, num_threads: int | None, hw_decoder_load: float,
+                       model_dir: str) -> ImageDecoder:
+        from tasks.models.entry import read_entry
+
+        pre = read_entry(model_dir).preprocessing  # the entry, not the loaded model: built beside the model's load
+        return ImageDecoder(pre, self.device, batch_size, num_threads, hw_decoder_load=hw_decoder_load)
+
+    def _start_read_processes(self, workers: int, threads: str, batch_size: int) -> tuple[ProcessReaders | None, str]:
         """Reader processes for local files, or None (threads read them) where they cannot run; and how local
         files are read, in words, for the shard's log line and the run's summary. S3 objects are always fetched
-        by the filesystem's event loop."""
+        by the filesystem's event loop. The slots are sized for `batch_size` images (sparse: unread pages take
+        no memory)."""
         if workers < 1:
             return None, threads
-        slot_bytes = max(MIN_SLOT_BYTES, self.batch_size * SLOT_BYTES_PER_IMAGE)
+        slot_bytes = max(MIN_SLOT_BYTES, batch_size * SLOT_BYTES_PER_IMAGE)
         if why_not := read_processes_available():
             log.info("local files are read in threads: %s", why_not)
             return None, f"{threads} ({why_not})"
@@ -376,3 +412,20 @@ def classify_shard(shard: Shard, out: Output, key: str, worker: ShardClassifier,
         reading=worker.reading,
         first_batch_at=timing.first_batch_at,
     )
+
+
+def prepare_shard_worker(
+    model: str, registry: str | None, device: str, batch_size: int | None, num_threads: int | None,
+    hw_decoder_load: float, gpu_memory_gb: float | None,
+) -> ShardClassifier:
+    """The shard worker an in-process classify run of these parameters asks for, built before the run: a fresh
+    `a2k classify` builds it while Prefect loads and its server starts, and the run's shard tasks find it built
+    (`shard_classifier` keys it on the same values the flow passes: the resolved model folder, its digest, the
+    resolved device)."""
+    from tasks.models.entry import read_entry
+    from tasks.models.registry import resolve_model
+
+    _, local_dir = resolve_model(model, registry)
+    entry = read_entry(local_dir)
+    return shard_classifier(str(local_dir), entry.weights_sha256, str(resolve_device(device)), batch_size,
+                            num_threads, hw_decoder_load, gpu_memory_gb)
