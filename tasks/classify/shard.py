@@ -164,7 +164,9 @@ class ShardClassifier:
         from tasks.models.entry import read_entry
 
         pre = read_entry(model_dir).preprocessing  # the entry, not the loaded model: built beside the model's load
-        return ImageDecoder(pre, self.device, batch_size, num_threads, hw_decoder_load=hw_decoder_load)
+        decoder = ImageDecoder(pre, self.device, batch_size, num_threads, hw_decoder_load=hw_decoder_load)
+        decoder.prepare_stream()  # DALI's pipeline for the shards' stream, built here rather than at the first batch
+        return decoder
 
     def _start_read_processes(self, workers: int, threads: str, batch_size: int) -> tuple[ProcessReaders | None, str]:
         """Reader processes for local files, or None (threads read them) where they cannot run; and how local

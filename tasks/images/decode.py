@@ -185,6 +185,12 @@ class ImageDecoder:
         pipe.build()
         return pipe
 
+    def prepare_stream(self, depth: int = STREAM_DEPTH) -> None:
+        """Build the pipeline `decode_stream` (of this `depth`) would build at its first batch, now: a shard
+        worker does it while it starts, off the first batch's path."""
+        if self._stream is None:
+            self._stream, self._stream_fed = self._build(depth), 0
+
     def _run(self, blobs: list[bytes | memoryview]) -> torch.Tensor:
         if self._pipe is None:
             self._pipe = self._build()

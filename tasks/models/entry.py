@@ -297,10 +297,20 @@ def verify_weights(directory: str | os.PathLike, entry: ModelEntry) -> Path:
     return weights
 
 
+def _with_weights(entry: ModelEntry, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The architecture with `state` as its tensors, in fp32 (as a copy into fresh parameters would give): built
+    on the meta device, so its random initialisation is skipped (2.5 s for a ResNet-50 on the CPU)."""
+    with torch.device("meta"):
+        model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
+    model.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a buffer the state dict does not hold
+        model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
+        model.load_state_dict(state, strict=True)
+    return model.float()
+
+
 def _load_state_dict(entry: ModelEntry, weights: Path) -> nn.Module:
-    model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
-    model.load_state_dict(load_file(str(weights)), strict=True)
-    return model
+    return _with_weights(entry, load_file(str(weights)))
 
 
 INT8_SCALE_PREFIX = "__int8_scale__."  # the scale of int8 tensor K is stored under INT8_SCALE_PREFIX + K
@@ -312,9 +322,7 @@ def _load_int8_weights(entry: ModelEntry, weights: Path) -> nn.Module:
     scales = {k[len(INT8_SCALE_PREFIX):]: v for k, v in stored.items() if k.startswith(INT8_SCALE_PREFIX)}
     state = {k: v.float() * scales[k].view(-1, *[1] * (v.dim() - 1)) if k in scales else v
              for k, v in stored.items() if not k.startswith(INT8_SCALE_PREFIX)}
-    model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
-    model.load_state_dict(state, strict=True)
-    return model
+    return _with_weights(entry, state)
 
 
 def _load_torchscript(entry: ModelEntry, weights: Path) -> nn.Module:
