@@ -151,6 +151,13 @@ class ShardClassifier:
         self._tickets = 0  # the next shard's ticket
         self._serving = 0  # the ticket whose turn it is on the model
 
+    def close(self) -> None:
+        """Stop the reader processes and the stage threads (the worker is not used again)."""
+        if self.process_readers is not None:
+            self.process_readers.close()
+        for pool in (self.readers, self.read_stage, self.decode_stage):
+            pool.shutdown(wait=True, cancel_futures=True)
+
     @staticmethod
     def _timed(steps: dict[str, float], name: str, fn, *args):
         t0 = time.perf_counter()

@@ -145,12 +145,16 @@ class ProcessReaders:
             # the kill outlasts the cluster's close timeout: the flow run failed). Finalizers of priority >= 0 run
             # before that join, highest first; above 10, where the pool's queue stops its feeder thread, or the
             # stop signals would never reach the readers
-            multiprocessing.util.Finalize(self, self._pool.shutdown, kwargs={"wait": True, "cancel_futures": True},
-                                          exitpriority=20)
+            self._stop = multiprocessing.util.Finalize(self, self._pool.shutdown,
+                                                       kwargs={"wait": True, "cancel_futures": True}, exitpriority=20)
             self._start_all()
         finally:
             for fd in fds:  # every process maps the slots now
                 os.close(fd)
+
+    def close(self) -> None:
+        """Stop the reader processes now (as at exit: the finalizer runs once)."""
+        self._stop()
 
     def _start_all(self) -> None:
         """Start every worker process now, so that each has mapped the slots before this process closes their
