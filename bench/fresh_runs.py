@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.run_all import REPO, _child_env, machine_line, model_dir_for, replicate
+from bench.run_all import REPO, _child_env, append_results, machine_line, model_dir_for, replicate
 
 # one mapping from a kind of fresh run to its title
 KINDS = {"temporary": "a2k, temporary server", "server": "a2k, running server", "peer": "DALI peer script"}
@@ -358,10 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     json_file.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine, "commit": commit,
                                      "command": command, "results": results, "primes": primes}, indent=2))
     print(f"JSON: {json_file}")
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + text)
-        print(f"appended to {args.results}")
+    append_results(args.results, text)
 
 
 if __name__ == "__main__":

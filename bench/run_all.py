@@ -535,10 +535,15 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m bench.run_all " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = render(rows, args, data, [m for m, _ in models], machine_line(env), command)
     print("\n" + text)
-    if args.results:
-        with open(args.results, "a") as f:
+    append_results(args.results, text)
+
+
+def append_results(results: Path | None, text: str) -> None:
+    """Append a dated section to the results file, when one is given."""
+    if results:
+        with open(results, "a") as f:
             f.write("\n" + text)
-        print(f"appended to {args.results}")
+        print(f"appended to {results}")
 
 
 if __name__ == "__main__":
