@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from a2k import cli_compress, cli_models
+from a2k.clock import process_age
 from a2k.cli_flows import FlowSpec, add_flow_arguments, check_flow_arguments, flow_arguments
 
 FLOWS = {
@@ -42,29 +43,16 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def _process_age() -> float:
-    """Seconds since this process was exec'd (Linux: /proc/self/stat), else since the CLI module loaded."""
-    try:
-        with open("/proc/self/stat") as f:
-            started_ticks = int(f.read().rpartition(")")[2].split()[19])
-        with open("/proc/uptime") as f:
-            return float(f.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.perf_counter() - _LOADED
-
-
-_LOADED = time.perf_counter()
-
-
-def _classify(args: argparse.Namespace) -> dict[str, Any]:
+def _classify(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     """The classify command: checks, then (fresh process) the temporary server and the shard worker in parallel
-    with the imports, then the flow; says where the start-up went."""
+    with the imports, then the flow; says where the start-up went. Returns the run's summary and the shard worker
+    built ahead (None when none was)."""
     from flows.params import check_input_source, check_output_target
 
     spec = FLOWS["classify"][0]
     params = check_flow_arguments(spec, flow_arguments(args, spec),
                                   {"input": check_input_source, "output": check_output_target})
-    steps = {"checks": _process_age()}
+    steps = {"checks": process_age()}
     fresh = "prefect" not in sys.modules  # an in-process caller (tests, a notebook) keeps Prefect's own way
     server = None
     if fresh:
@@ -96,7 +84,7 @@ def _classify(args: argparse.Namespace) -> dict[str, Any]:
     if server is not None:
         steps["server wait"] = server.wait_ready(SERVER_TIMEOUT_S)
         steps["server up"] = time.perf_counter() - server.started
-    began = _process_age()
+    began = process_age()
     try:
         summary = flow(**params)
     finally:
@@ -107,12 +95,11 @@ def _classify(args: argparse.Namespace) -> dict[str, Any]:
         steps |= {f"worker {k}": v for k, v in worker["steps"].items()}
     started = summary.get("first_batch_at")
     first = (time.time() - started) if started else None  # how long ago the first batch reached the model
-    total = _process_age()
-    summary["_worker"] = worker.get("built")  # closed by the fast exit (main)
+    total = process_age()
     summary["startup"] = {"flow_began_s": round(began, 2), **{k: round(v, 2) for k, v in steps.items()},
                           "first_batch_s": round(total - first, 2) if first is not None else None,
                           "process_s": round(total, 2)}
-    return summary
+    return summary, worker.get("built")
 
 
 def _startup_line(s: dict[str, Any]) -> str:
@@ -149,13 +136,13 @@ def _exit_now(code: int, worker: Any) -> None:
 def _run(args: argparse.Namespace) -> Any:
     """Run the command; for a fresh classify process, the worker to close before a fast exit (else None)."""
     if args.command == "classify":
-        s = _classify(args)
+        s, worker = _classify(args)
         print(f"{s['predicted']} predicted, {s['errors']} errors of {s['listed']} images, "
               f"{s['images_per_second']} images/s on {s['device']}")
         print(f"model {s['model']['name']} v{s['model']['version']}; predictions: {s['output']}  "
               f"(errors in {s['output']}/_errors)")
         print(_startup_line(s))
-        return s["_worker"]
+        return worker
     elif args.command == "train":
         print(json.dumps(_flow_call("train", args), indent=2))
     elif args.command == "demo":

@@ -6,34 +6,11 @@ top-5 into Parquet. Run as its own process; prints one JSON line.
         [--num-threads N] [--device auto|cuda|cpu] [--hw-decoder-load 0.65]
 """
 
-import time
+from a2k.clock import CLOCK, process_age  # first: its clock reads the process's age when it loads
 
-_FIRST_LINE = time.perf_counter()  # the fallback clock, where /proc/self/stat cannot say when the process began
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-
-def _age_at_first_line() -> tuple[float, str]:
-    """Seconds the process had run when this module's first line ran, and which clock says so: its start time
-    in /proc/self/stat (field 22, clock ticks after boot) against /proc/uptime, both 10 ms steps."""
-    try:
-        with open("/proc/self/stat") as f:
-            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return max(0.0, uptime - started - (time.perf_counter() - _FIRST_LINE)), "process start, /proc/self/stat"
-    except (OSError, ValueError, IndexError):
-        return 0.0, "the module's first line, no /proc/self/stat"
-
-
-_AGE, _CLOCK = _age_at_first_line()
-
-
-def _since_start() -> float:
-    return _AGE + time.perf_counter() - _FIRST_LINE
+import argparse
+import json
+from pathlib import Path
 
 
 def build_loader(data: Path, files: list[str], pre, dev, batch_size: int, threads: int, hw_decoder_load: float):
@@ -76,7 +53,7 @@ def classify(data: Path, model_dir: str, output: str, batch_size: int, num_threa
         raise SystemExit(f"--data {data}: no images (*.jpg, *.jpeg, *.png) found")
     threads = num_threads or default_threads()
     loader = build_loader(data, files, classifier.entry.preprocessing, dev, batch_size, threads, hw_decoder_load)
-    built = _since_start()
+    built = process_age()
     rows, seen = 0, set()
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     with pq.ParquetWriter(output, BENCH_SCHEMA) as writer:
@@ -87,11 +64,11 @@ def classify(data: Path, model_dir: str, output: str, batch_size: int, num_threa
             writer.write_table(prediction_table(uris, scores, indices, classifier.class_names))
             rows += len(index)
             seen.update(index)
-    closed = _since_start()
+    closed = process_age()
     if rows != len(files) or len(seen) != len(files):  # PARTIAL must give every file exactly once
         raise SystemExit(f"{len(files)} files but {rows} rows for {len(seen)} distinct files in {output}")
     return {"images": len(files), "rows": rows, "seconds": round(closed, 3), "pipeline_built_s": round(built, 3),
-            "seconds_after_build": round(closed - built, 3), "clock": _CLOCK, "batch_size": batch_size,
+            "seconds_after_build": round(closed - built, 3), "clock": CLOCK, "batch_size": batch_size,
             "num_threads": threads, "device": str(dev), "hw_decoder_load": hw_decoder_load if dev.is_cuda else None}
 
 

@@ -25,15 +25,17 @@ import pyarrow as pa
 import torch
 
 import tasks
-from tasks.devices import resolve_device
-from tasks.images.decode import STREAM_DEPTH, DecodedBatch, ImageDecoder, default_threads
-from tasks.images.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
-from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders, read_processes_available
+from tasks.classify.infer import MAX_AUTO_BATCH, Classifier, fit_batch_size, limit_gpu_memory
 from tasks.classify.output import Output, part_name
 from tasks.classify.plan import RunContext, ShardOutcome, read_shard_rows
-from tasks.classify.infer import MAX_AUTO_BATCH, Classifier, fit_batch_size, limit_gpu_memory
-from tasks.images.manifest import Shard
 from tasks.classify.sink import ERROR_SCHEMA, PREDICTION_SCHEMA, write_part
+from tasks.devices import resolve_device
+from tasks.images.decode import STREAM_DEPTH, DecodedBatch, ImageDecoder, default_threads
+from tasks.images.manifest import Shard
+from tasks.images.preprocess import Preprocessing
+from tasks.images.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
+from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders, read_processes_available
+from tasks.models.entry import read_entry
 from tasks.storage import is_url
 
 log = logging.getLogger(__name__)
@@ -114,21 +116,21 @@ class ShardClassifier:
         workers = default_read_processes() if read_processes is None else read_processes
         readers = build.submit(self._timed, steps, "readers", self._start_read_processes, workers, threads,
                                batch_size or MAX_AUTO_BATCH)
+        pre = read_entry(model_dir).preprocessing  # the entry alone: the decoder is built beside the model's load
         decoder = None
         if batch_size is not None:
-            decoder = build.submit(self._timed, steps, "decoder", self._build_decoder, batch_size, num_threads,
-                                   hw_decoder_load, model_dir)
+            decoder = build.submit(self._timed, steps, "decoder", self._build_decoder, pre, batch_size, num_threads,
+                                   hw_decoder_load)
         try:
             self.classifier = self._timed(steps, "model", Classifier, model_dir, self.device)
             self.class_names = pa.array(list(self.classifier.entry.class_names), pa.string())
-            pre = self.classifier.entry.preprocessing
             if batch_size is None:
                 fit = self._timed(steps, "batch fit", fit_batch_size, self.classifier, pre)
                 log.info("automatic batch size on %s: %s", self.device, fit.describe())
                 batch_size = fit.batch_size
             self.batch_size = batch_size
             self.decoder = decoder.result() if decoder is not None else self._timed(
-                steps, "decoder", self._build_decoder, batch_size, num_threads, hw_decoder_load, model_dir)
+                steps, "decoder", self._build_decoder, pre, batch_size, num_threads, hw_decoder_load)
             if self.device.is_cuda and self._timed(steps, "graph", self.classifier.capture, batch_size):
                 log.info("%s captured as a CUDA graph at batch %d", self.classifier.entry.name, batch_size)
             self.process_readers, self.reading = readers.result()
@@ -166,11 +168,8 @@ class ShardClassifier:
         finally:
             steps[name] = time.perf_counter() - t0
 
-    def _build_decoder(self, batch_size: int, num_threads: int | None, hw_decoder_load: float,
-                       model_dir: str) -> ImageDecoder:
-        from tasks.models.entry import read_entry
-
-        pre = read_entry(model_dir).preprocessing  # the entry, not the loaded model: built beside the model's load
+    def _build_decoder(self, pre: Preprocessing, batch_size: int, num_threads: int | None,
+                       hw_decoder_load: float) -> ImageDecoder:
         decoder = ImageDecoder(pre, self.device, batch_size, num_threads, hw_decoder_load=hw_decoder_load)
         decoder.prepare_stream()  # DALI's pipeline for the shards' stream, built here rather than at the first batch
         return decoder
@@ -431,7 +430,6 @@ def prepare_shard_worker(
     `a2k classify` builds it while Prefect loads and its server starts, and the run's shard tasks find it built
     (`shard_classifier` keys it on the same values the flow passes: the resolved model folder, its digest, the
     resolved device)."""
-    from tasks.models.entry import read_entry
     from tasks.models.registry import resolve_model
 
     _, local_dir = resolve_model(model, registry)
