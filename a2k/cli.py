@@ -69,7 +69,7 @@ def _classify(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
 
                 built = prepare_shard_worker(params["model"], params["registry"], params["device"],
                                              params["batch_size"], params["num_threads"], params["hw_decoder_load"],
-                                             params["gpu_memory_gb"])
+                                             params["gpu_memory_gb"], params["target"])
                 worker["seconds"] = time.perf_counter() - t
                 worker["built"] = built
                 worker["steps"] = {"imports": worker["seconds"] - built.build_seconds, **built.build_steps}

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from tasks.compress.recipes import RECIPES, allowed_recipes
-from tasks.compress.targets import TARGETS
+from tasks.targets import TARGETS
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -16,8 +16,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--recipe", action="append", required=True, dest="recipes", metavar="RECIPE",
                    help=f"repeat to chain, in this order: {allowed_recipes()}")
     c.add_argument("--target", default=None, choices=sorted(TARGETS),
-                   help="check the recipes are supported there and the child fits its memory at --batch-size")
+                   help="check the recipes are supported there and the child fits its memory at --batch-size; on a "
+                        "bigger CUDA card, time parent and child on the target's share of its SMs")
     c.add_argument("--max-accuracy-drop", type=float, default=1.0, help="top-1 points the child may lose (default 1.0)")
+    c.add_argument("--min-speedup", type=float, default=1.2,
+                   help="how many times the parent's images/s the child must reach, measured through the executor "
+                        "(default 1.2; 0: speed not required)")
     c.add_argument("--alias", default="candidate", help="alias moved to the child when it passes (default candidate)")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     c.add_argument("--batch-size", type=int, default=256)
@@ -31,7 +35,8 @@ def run(args: argparse.Namespace) -> None:
     from tasks.compress.measure import format_table
 
     result = compress_model(model=args.ref, recipes=args.recipes, target=args.target,
-                            max_accuracy_drop=args.max_accuracy_drop, device=args.device, batch_size=args.batch_size,
+                            max_accuracy_drop=args.max_accuracy_drop, min_speedup=args.min_speedup,
+                            device=args.device, batch_size=args.batch_size,
                             num_threads=args.num_threads, alias=args.alias, registry=args.registry)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -40,4 +45,5 @@ def run(args: argparse.Namespace) -> None:
                f"REJECTED: {result['child']} registered with status rejected")
     print(f"{result['parent']} -> {result['child']} ({' -> '.join(result['recipes'])}) on {result['device']}")
     print(format_table(result["comparison"]))
+    print(f"speed measured through the executor {result['measured']}: x{result['speedup']:.2f} the parent's images/s")
     print(f"{verdict} ({result['reason']})")

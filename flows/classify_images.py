@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from flows.params import (
     AutoBatchSize, DaskAddress, DaskWorkers, DeviceSpec, FullRun, GpuMemoryGb, HwDecoderLoad, InputSource, ModelSpec,
-    OutputTarget, Overwrite, RegistryUrl, ShardSize, TaskRunnerChoice, Threads, TopK, check_input_source,
+    OutputTarget, Overwrite, RegistryUrl, ShardSize, TargetName, TaskRunnerChoice, Threads, TopK, check_input_source,
     check_output_target,
 )
 from tasks.classify.commit import commit_run, shard_table, summary_markdown
@@ -26,9 +26,11 @@ from tasks.classify.plan import PlannedShard, RunContext, RunPlan, ShardOutcome,
 from tasks.classify.prefect_tasks import classify_shard_task
 from tasks.devices import resolve_device
 from tasks.images.prefect_tasks import list_images_task
-from tasks.models.entry import read_entry
+from tasks.models.compiled import check_runs_here
+from tasks.models.entry import WeightsFormat, read_entry
 from tasks.models.registry import resolve_model
 from tasks.runner import GPU_LIMIT, TaskRunnerKind, ensure_gpu_limit, gpu_slot, make_task_runner
+from tasks.targets import plan_budget
 
 
 @flow(name="classify-images")
@@ -43,6 +45,7 @@ def classify_images(
     num_threads: Threads | None = None,
     hw_decoder_load: HwDecoderLoad = 0.65,
     gpu_memory_gb: GpuMemoryGb | None = None,
+    target: TargetName | None = None,
     overwrite: Overwrite = False,
     registry: RegistryUrl | None = None,
     full: FullRun = False,
@@ -73,6 +76,11 @@ def classify_images(
     dev = resolve_device(device)
     if gpu_memory_gb and not dev.is_cuda:
         raise ValueError(f"gpu_memory_gb {gpu_memory_gb} needs a CUDA device; device {device!r} is {dev}")
+    budget = plan_budget(target, dev, num_threads, hw_decoder_load, gpu_memory_gb)
+    if target:
+        log.info("running within the budget of %s", budget.describe())
+    if entry.weights_format is WeightsFormat.AOTI_PACKAGE:
+        check_runs_here(entry, dev)  # a package compiled for another card or torch: refused before any work
     runner = make_task_runner(task_runner, dask_address, dev, dask_workers)  # refused before any work
     if dev.is_cuda and ensure_gpu_limit():
         log.info("created the global concurrency limit %r with one slot per card of this machine", GPU_LIMIT)
@@ -96,8 +104,9 @@ def classify_images(
     def parameters(p: PlannedShard) -> dict[str, Any]:
         return {"shard": p.shard, "output": out.url, "key": p.key,
                 "model_dir": model_dir, "weights_sha256": entry.weights_sha256, "device": task_device,
-                "batch_size": batch_size, "num_threads": num_threads, "hw_decoder_load": hw_decoder_load,
-                "ctx": ctx, "gpu_memory_gb": gpu_memory_gb, "take_gpu_slot": not local}
+                "batch_size": batch_size, "num_threads": budget.num_threads, "hw_decoder_load": budget.hw_decoder_load,
+                "ctx": ctx, "gpu_memory_gb": budget.gpu_memory_gb, "take_gpu_slot": not local,
+                "model_sms": budget.model_sms}
 
     # in this process the run holds the card once, for all its shards (a slot per shard waits in Prefect's acquire
     # back-off between shards: bench/RESULTS.md); Dask workers each take their card's slot per shard
@@ -109,7 +118,7 @@ def classify_images(
     summary = commit_run(
         out, plan, outcomes, ctx, list_seconds,
         extra={"input": input, "output": output, "device": str(dev), "model_dir": model_dir,
-               "task_runner": task_runner.value},
+               "task_runner": task_runner.value, **({"budget": budget.describe()} if target else {})},
     )
     create_markdown_artifact(summary_markdown(summary), key="classify-images-summary", description="a2k run summary")
     create_table_artifact(shard_table(plan, outcomes), key="classify-images-shards",

@@ -20,12 +20,12 @@ from flows.params import BatchSize, DeviceSpec, Threads
 from tasks.compress.recipes import check_supported, check_target, device_capability, parse_chain
 from tasks.compress.apply import recorded_splits
 from tasks.compress.measure import check_fits, comparison_rows, decide, format_table
-from tasks.compress.prefect_tasks import compress_task, measure_task
+from tasks.compress.prefect_tasks import compress_task, measure_pair_task
 from tasks.train.evaluate import evaluate_predictions
 from tasks.models.entry import Status, read_entry, save_entry
 from tasks.models.prefect_tasks import register_model_task
 from tasks.models.registry import check_alias, fetch_model, get_model, set_alias
-from tasks.compress.targets import get_target
+from tasks.targets import get_target, plan_budget
 
 
 class CompressModelConfig(BaseModel):
@@ -37,6 +37,7 @@ class CompressModelConfig(BaseModel):
     recipes: list[str] = Field(min_length=1)
     target: str | None
     max_accuracy_drop: float = Field(ge=0, le=100)
+    min_speedup: float = Field(ge=0, le=1000)
     device: DeviceSpec
     batch_size: BatchSize
     num_threads: Threads | None
@@ -80,6 +81,7 @@ def compress_model(
     recipes: list[str],
     target: str | None = None,
     max_accuracy_drop: float = 1.0,
+    min_speedup: float = 1.2,
     device: DeviceSpec = "auto",
     batch_size: BatchSize = 256,
     num_threads: Threads | None = None,
@@ -87,12 +89,14 @@ def compress_model(
     registry: str | None = None,
 ) -> dict[str, Any]:
     """Compress `model` (a models:/ reference or NAME for NAME@production) with `recipes` in order (e.g.
-    ["prune:0.3", "fp16"]), evaluate parent and child on the parent's recorded test split through the classify
-    path, and register the child as the next version: `alias` moves to it when top-1 drops at most
-    `max_accuracy_drop` points (and it fits `target`'s memory), else it is registered as rejected with the reason."""
+    ["prune:0.5", "compile"]), evaluate parent and child on the parent's recorded test split through the classify
+    path, time both through the executor (on `target`'s budget of SMs when the device is a bigger CUDA card), and
+    register the child as the next version: `alias` moves to it when top-1 drops at most `max_accuracy_drop`
+    points, it fits `target`'s memory and it is at least `min_speedup` times as fast as the parent (0: speed not
+    required); else it is registered as rejected with the reason and its measured numbers."""
     log = get_run_logger()
     cfg = CompressModelConfig(model=model, recipes=recipes, target=target, max_accuracy_drop=max_accuracy_drop,
-                              device=device, batch_size=batch_size, num_threads=num_threads, alias=alias,
+                              min_speedup=min_speedup, device=device, batch_size=batch_size, num_threads=num_threads, alias=alias,
                               registry=registry)
     chain = parse_chain(cfg.recipes)
     dev = resolve_device(cfg.device)
@@ -100,6 +104,10 @@ def compress_model(
     profile = get_target(cfg.target) if cfg.target else None
     if profile:
         check_target(chain, profile)
+    # speed is measured on the target's share of the card when it is a CUDA target and the card is CUDA too
+    emulate = profile is not None and profile.device == "cuda" and dev.is_cuda
+    budget = plan_budget(profile.name, dev, None, 0.65, None) if emulate else None
+    where = f"on {budget.describe()}" if budget else f"on {dev}"
     info = get_model(cfg.model, cfg.registry)  # a bare NAME is NAME@production
     parent_dir = str(fetch_model(info, cfg.registry))
     splits = recorded_splits(info, cfg.registry)
@@ -114,25 +122,28 @@ def compress_model(
         report = compress_task(parent_dir, [c.to_dict() for c in chain], str(staging), str(dev), cfg.batch_size,
                                splits, cfg.num_threads, lineage)
         names = list(info.entry.class_names)
+        measured = measure_pair_task(parent_dir, str(staging), str(dev), cfg.batch_size,
+                                     budget.model_sms if budget else None)
         parent = {**_evaluate(str(info.ref), splits["test"], str(work / "parent-predictions"), str(dev),
-                              cfg.batch_size, cfg.registry, names),
-                  **measure_task(parent_dir, str(dev), cfg.batch_size)}
+                              cfg.batch_size, cfg.registry, names), **measured["parent"]}
         child = {**_evaluate(str(staging), splits["test"], str(work / "child-predictions"), str(dev), cfg.batch_size,
-                             cfg.registry, names),
-                 **measure_task(str(staging), str(dev), cfg.batch_size)}
+                             cfg.registry, names), **measured["child"]}
         fit = check_fits(child["memory_estimate"], child["peak_gpu_memory_bytes"], profile, cfg.batch_size) \
             if profile else ""
-        decision = decide(parent["top1"], child["top1"], cfg.max_accuracy_drop, fit)
+        speedup = child["images_per_second"] / parent["images_per_second"]
+        decision = decide(parent["top1"], child["top1"], cfg.max_accuracy_drop, fit, speedup, cfg.min_speedup, where)
         rows = comparison_rows(parent, child)
         metrics = {"test_accuracy": child["top1"], "top1": child["top1"], "top5": child["top5"],
                    "parent_top1": parent["top1"], "accuracy_drop_points": decision.accuracy_drop_points,
+                   "speedup": speedup, "parent_images_per_second": parent["images_per_second"],
                    **{k: child[k] for k in ("parameters", "flops", "images_per_second", "pipeline_images_per_second")},
                    "peak_gpu_memory_bytes": child["peak_gpu_memory_bytes"] or 0,
                    "memory_estimate_bytes": child["memory_estimate_bytes"]}
         entry = read_entry(staging)
         save_entry(staging, replace(entry, metrics=metrics, lineage={
-            **entry.lineage, "comparison": rows, "gate": {"max_accuracy_drop": cfg.max_accuracy_drop,
-                                                          "passed": decision.passed, "reason": decision.reason}}))
+            **entry.lineage, "comparison": rows, "gate": {
+                "max_accuracy_drop": cfg.max_accuracy_drop, "min_speedup": cfg.min_speedup, "speedup": speedup,
+                "measured": where, "passed": decision.passed, "reason": decision.reason}}))
         status = Status.READY if decision.passed else Status.REJECTED
         registered = register_model_task(str(staging), info.entry.name, cfg.registry, status.value,
                                          "" if decision.passed else decision.reason)
@@ -152,6 +163,8 @@ def compress_model(
     log.info("%s vs %s:\n%s", info.ref, registered["ref"], format_table(rows))
     return {"parent": str(info.ref), "child": registered["ref"], "url": registered["url"], "recipes": cfg.recipes,
             "status": status.value, "passed": decision.passed, "reason": decision.reason,
-            "accuracy_drop_points": decision.accuracy_drop_points, "alias": cfg.alias if decision.passed else None,
+            "accuracy_drop_points": decision.accuracy_drop_points, "speedup": speedup, "min_speedup": cfg.min_speedup,
+            "measured": where,
+            "alias": cfg.alias if decision.passed else None,
             "target": cfg.target, "device": str(dev), "steps": report["steps"], "comparison": rows,
             "parent_measures": parent, "child_measures": child}

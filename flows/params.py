@@ -36,6 +36,15 @@ HwDecoderLoad = Annotated[float, Field(ge=0.0, le=1.0, description="share of JPE
 GpuMemoryGb = Annotated[float, Field(
     gt=0, le=4096, description="use at most this many GiB of GPU memory (e.g. 6, as an RTX A2000 6 GB; unset: "
                                "no cap); on out-of-memory batches halve")]
+def _check_target(name: str) -> str:
+    from tasks.targets import get_target
+
+    return get_target(name).name
+
+
+TargetName = Annotated[str, AfterValidator(_check_target), Field(
+    description="run as on this card (e.g. a2000): its GPU memory, no hardware JPEG decoder where it has none, its "
+                "host's cores for DALI, and the model on the SMs that match its tensor throughput (a green context)")]
 TaskRunnerChoice = Annotated[
     TaskRunnerKind,
     Field(description="local: shards in the flow's process; dask: on a Dask cluster (a temporary one, or the scheduler "

@@ -67,3 +67,20 @@ def test_classify_refuses_a_bad_batch_size_before_any_work(capsys, photos_dir, s
                  "--batch-size", "0", "--device", "cpu"])
     assert code == 2 and "--batch-size '0'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_classify_refuses_an_unknown_target_before_any_work(capsys, photos_dir, seed_model_dir, tmp_path):
+    code = main(["classify", str(photos_dir), str(tmp_path / "out"), "--model", str(seed_model_dir),
+                 "--target", "a3000", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "target 'a3000' is not known; available: a2000, a2000-12gb, h100, t4, x86-cpu" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_classify_with_a_cuda_target_on_the_cpu_is_refused_before_any_work(capsys, photos_dir, seed_model_dir,
+                                                                           tmp_path):
+    code = main(["classify", str(photos_dir), str(tmp_path / "out"), "--model", str(seed_model_dir),
+                 "--target", "a2000", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "target 'a2000' emulates a CUDA card and needs a CUDA device; the device is cpu" in err
+    assert not list((tmp_path / "out").rglob("*.parquet"))

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from tasks.devices import Device
+from tasks.models.compiled import CompiledModel
 from tasks.models.entry import load_model
+from tasks.targets import sm_share_stream
 from tasks.images.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -67,21 +69,36 @@ class Classifier:
     bias add is slower than the batch norm in fp16 channels_last (bench/NOTES.md, variant 19). `compile_mode` (CUDA only) runs the model through
     `torch.compile` with that mode, its weights frozen as constants."""
 
-    def __init__(self, model_dir: str, device: Device, fold: bool = True, compile_mode: str | None = None) -> None:
-        self.entry, model = load_model(model_dir)
-        if fold and not device.is_cuda:
-            model = fold_batch_norms(model, self.entry.preprocessing.input_shape, self.entry.name)
+    def __init__(self, model_dir: str, device: Device, fold: bool = True, compile_mode: str | None = None,
+                 model_sms: int | None = None) -> None:
+        self.entry, model = load_model(model_dir, device)
         self.device = device
-        self.dtype = torch.float16 if device.is_cuda else torch.float32
-        model = model.to(device.torch_device, dtype=self.dtype)
-        if device.is_cuda:
-            model = model.to(memory_format=torch.channels_last)
-            if compile_mode:
-                from torch._inductor import config as inductor
+        # a model compiled ahead of time (AOTInductor) comes on its device, in its dtype and layout, for one batch
+        self.compiled_batch = model.batch_size if isinstance(model, CompiledModel) else None
+        if isinstance(model, CompiledModel):
+            self.dtype = model.dtype
+        else:
+            if fold and not device.is_cuda:
+                model = fold_batch_norms(model, self.entry.preprocessing.input_shape, self.entry.name)
+            self.dtype = torch.float16 if device.is_cuda else torch.float32
+            model = model.to(device.torch_device, dtype=self.dtype)
+            if device.is_cuda:
+                model = model.to(memory_format=torch.channels_last)
+                if compile_mode:
+                    from torch._inductor import config as inductor
 
-                inductor.freezing = True  # weights as constants: batch norms folded, epilogues fused
-                model = torch.compile(model, mode=compile_mode, dynamic=False)
+                    inductor.freezing = True  # weights as constants: batch norms folded, epilogues fused
+                    model = torch.compile(model, mode=compile_mode, dynamic=False)
         self.model = model  # load_model returns it ready for inference
+        # the model's own CUDA stream; with `model_sms`, on that many SMs of the card only (a green context), as a
+        # smaller card would run it (tasks.targets.plan_budget)
+        self.green_context, self.stream = None, None
+        if device.is_cuda:
+            if model_sms:
+                self.green_context, self.stream = sm_share_stream(device, model_sms)
+                log.info("%s runs on %d SMs of %s (a green context)", self.entry.name, model_sms, device)
+            else:
+                self.stream = torch.cuda.Stream(device.torch_device)
         self.class_names = np.asarray(self.entry.class_names, dtype=object)
         self.max_forward: int | None = None  # lowered when the GPU runs out of memory, kept for later batches
         self.graph: CudaGraphForward | None = None
@@ -96,7 +113,7 @@ class Classifier:
         example = torch.zeros((batch_size, *self.entry.preprocessing.input_shape), dtype=self.dtype,
                               device=self.device.torch_device).contiguous(memory_format=torch.channels_last)
         try:
-            self.graph = CudaGraphForward(self.model, example)
+            self.graph = CudaGraphForward(self.model, example, self.stream)
         except Exception as e:  # noqa: BLE001 - any capture failure leaves the eager model, which is correct
             self.graph = None
             log.warning("%s runs eagerly: its forward pass could not be captured as a CUDA graph at batch %d "
@@ -136,6 +153,13 @@ class Classifier:
 
     @torch.inference_mode()
     def _top_k(self, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.stream is None:
+            return self._top_k_here(images, k)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device.torch_device))  # the images' producer
+        with torch.cuda.stream(self.stream):  # a no-op when the caller is on it already (the shard worker)
+            return self._top_k_here(images, k)
+
+    def _top_k_here(self, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         x = images.to(self.device.torch_device, dtype=self.dtype, non_blocking=True)
         if self.device.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -171,11 +195,12 @@ class CudaGraphForward:
     """`model(x).float().softmax(1)` recorded once as a CUDA graph for inputs shaped like `example`; a smaller
     batch is copied into the head of the static input and the head of the output is returned."""
 
-    def __init__(self, model: torch.nn.Module, example: torch.Tensor) -> None:
+    def __init__(self, model: torch.nn.Module, example: torch.Tensor, stream: torch.cuda.Stream | None = None) -> None:
         self.batch_size = len(example)
         self.static_in = example.clone()
         with torch.inference_mode():
-            side = torch.cuda.Stream(example.device)
+            # recorded on the stream it is replayed on: a green context's stream keeps its kernels on its SMs
+            side = stream or torch.cuda.Stream(example.device)
             side.wait_stream(torch.cuda.current_stream(example.device))
             with torch.cuda.stream(side):  # warm-up outside the capture: cuDNN picks its algorithms here
                 for _ in range(2):
@@ -191,7 +216,7 @@ class CudaGraphForward:
             torch.cuda.current_stream(example.device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: DALI's own threads may call the CUDA API while this thread captures
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
                 self.static_out = model(self.static_in).float().softmax(dim=1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,8 +234,11 @@ class BatchFit:
     free_bytes: int
     model_bytes_per_image: int
     decode_bytes_per_image: int
+    why: str = ""  # set where the batch is not fitted to memory
 
     def describe(self) -> str:
+        if self.why:
+            return f"batch {self.batch_size}: {self.why}"
         per_image = (self.model_bytes_per_image + self.decode_bytes_per_image) / 2**20
         return (f"batch {self.batch_size}: {self.free_bytes / 2**30:.2f} GiB free, about {per_image:.1f} MiB an image "
                 f"({self.model_bytes_per_image / 2**20:.1f} model + {self.decode_bytes_per_image / 2**20:.1f} decode)")
@@ -219,8 +247,10 @@ class BatchFit:
 def fit_batch_size(classifier: Classifier, pre: Preprocessing, max_batch: int = MAX_AUTO_BATCH) -> BatchFit:
     """The largest batch (a multiple of 8, at most `max_batch`) whose decode and forward pass fit in the GPU
     memory now free to this process, after DALI's fixed share. On the CPU: `CPU_BATCH`."""
+    if classifier.compiled_batch:  # compiled for one batch shape: every other size is padded or cut to it
+        return BatchFit(classifier.compiled_batch, 0, 0, 0, "the batch the model was compiled for")
     if not classifier.device.is_cuda:
-        return BatchFit(min(CPU_BATCH, max_batch), 0, 0, 0)
+        return BatchFit(min(CPU_BATCH, max_batch), 0, 0, 0, "on the CPU")
     per_model = classifier.activation_bytes_per_image(pre)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(classifier.device.torch_device)

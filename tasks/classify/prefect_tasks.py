@@ -37,6 +37,7 @@ def classify_shard_task(
     ctx: RunContext,
     gpu_memory_gb: float | None = None,
     take_gpu_slot: bool = True,
+    model_sms: int | None = None,
 ) -> ShardOutcome:
     """Classify and commit one shard of the run planned in `output` (its URL: the task resolves its filesystem
     where it runs). On CUDA it holds a slot of `gpu` and of its card while it runs, unless the caller holds them
@@ -45,7 +46,7 @@ def classify_shard_task(
     out = Output(output)
     with gpu_slot(dev) if take_gpu_slot else contextlib.nullcontext([]) as slots:
         worker = shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
-                                  gpu_memory_gb)
+                                  gpu_memory_gb, model_sms)
         remove_shard_parts(out, part_name(key))  # what an earlier, failed attempt left
         outcome = classify_shard(shard, out, key, worker, ctx)
     n = outcome.predicted + outcome.errors

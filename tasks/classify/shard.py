@@ -37,6 +37,7 @@ from tasks.images.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
 from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders, read_processes_available
 from tasks.models.entry import read_entry
 from tasks.storage import is_url
+from tasks.targets import plan_budget
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class ShardClassifier:
     def __init__(
         self, model_dir: str, device: str, batch_size: int | None, num_threads: int | None,
         hw_decoder_load: float = 0.65, gpu_memory_gb: float | None = None, local_readers: int = LOCAL_READERS,
-        read_processes: int | None = None,
+        read_processes: int | None = None, model_sms: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         if self.device.is_cuda and tasks.CUDA_STARTED_FIRST:
@@ -122,7 +123,11 @@ class ShardClassifier:
             decoder = build.submit(self._timed, steps, "decoder", self._build_decoder, pre, batch_size, num_threads,
                                    hw_decoder_load)
         try:
-            self.classifier = self._timed(steps, "model", Classifier, model_dir, self.device)
+            self.classifier = self._timed(steps, "model", Classifier, model_dir, self.device, True, None, model_sms)
+            compiled = self.classifier.compiled_batch
+            if compiled and batch_size is not None and batch_size != compiled:
+                log.warning("%s is compiled for batches of %d; batches of %d are padded or cut to that size",
+                            self.classifier.entry.name, compiled, batch_size)
             self.class_names = pa.array(list(self.classifier.entry.class_names), pa.string())
             if batch_size is None:
                 fit = self._timed(steps, "batch fit", fit_batch_size, self.classifier, pre)
@@ -140,8 +145,9 @@ class ShardClassifier:
         self.read_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-read-batch")
         self.decode_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-decode")
         self.decode_stream = torch.cuda.Stream(self.device.torch_device) if self.device.is_cuda else None
-        # not the legacy default stream: DALI's streams wait for all of that one's work, and it for theirs
-        self.model_stream = torch.cuda.Stream(self.device.torch_device) if self.device.is_cuda else None
+        # not the legacy default stream: DALI's streams wait for all of that one's work, and it for theirs; the
+        # classifier's own (on a share of the SMs when the run emulates a smaller card)
+        self.model_stream = self.classifier.stream
         self.arenas = [ReadArena() for _ in range(ARENAS)]
         self.build_seconds = time.perf_counter() - t0
         self.build_steps = steps
@@ -375,7 +381,7 @@ _BUILDING = threading.Lock()
 
 def shard_classifier(
     model_dir: str, weights_sha256: str, device: str, batch_size: int, num_threads: int | None, hw_decoder_load: float,
-    gpu_memory_gb: float | None = None,
+    gpu_memory_gb: float | None = None, model_sms: int | None = None,
 ) -> ShardClassifier:
     """One model load and one DALI pipeline per worker process, reused by all of its shards.
 
@@ -384,13 +390,14 @@ def shard_classifier(
     """
     with _BUILDING:
         return _cached_shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
-                                        gpu_memory_gb)
+                                        gpu_memory_gb, model_sms)
 
 
 @functools.lru_cache(maxsize=2)
 def _cached_shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
-                             gpu_memory_gb) -> ShardClassifier:
-    return ShardClassifier(model_dir, device, batch_size, num_threads, hw_decoder_load, gpu_memory_gb)
+                             gpu_memory_gb, model_sms) -> ShardClassifier:
+    return ShardClassifier(model_dir, device, batch_size, num_threads, hw_decoder_load, gpu_memory_gb,
+                           model_sms=model_sms)
 
 
 shard_classifier.cache_clear = _cached_shard_classifier.cache_clear  # type: ignore[attr-defined]
@@ -424,7 +431,7 @@ def classify_shard(shard: Shard, out: Output, key: str, worker: ShardClassifier,
 
 def prepare_shard_worker(
     model: str, registry: str | None, device: str, batch_size: int | None, num_threads: int | None,
-    hw_decoder_load: float, gpu_memory_gb: float | None,
+    hw_decoder_load: float, gpu_memory_gb: float | None, target: str | None = None,
 ) -> ShardClassifier:
     """The shard worker an in-process classify run of these parameters asks for, built before the run: a fresh
     `a2k classify` builds it while Prefect loads and its server starts, and the run's shard tasks find it built
@@ -434,5 +441,7 @@ def prepare_shard_worker(
 
     _, local_dir = resolve_model(model, registry)
     entry = read_entry(local_dir)
-    return shard_classifier(str(local_dir), entry.weights_sha256, str(resolve_device(device)), batch_size,
-                            num_threads, hw_decoder_load, gpu_memory_gb)
+    dev = resolve_device(device)
+    budget = plan_budget(target, dev, num_threads, hw_decoder_load, gpu_memory_gb)
+    return shard_classifier(str(local_dir), entry.weights_sha256, str(dev), batch_size, budget.num_threads,
+                            budget.hw_decoder_load, budget.gpu_memory_gb, budget.model_sms)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import io
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +27,9 @@ class Candidate:
     storage: WeightsFormat = WeightsFormat.STATE_DICT
     program: torch.export.ExportedProgram | None = None  # stored as is when set (export, int8-static)
     files: dict[str, bytes] = field(default_factory=dict)  # extra files for the version, e.g. model.onnx
+    architecture: str | None = None  # set when the chain changed the architecture (distill)
+    package: bytes | None = None  # an AOTInductor package (compile), stored as the weights
+    compiled: dict[str, Any] | None = None  # what the package was compiled for (lineage.compiled)
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,8 @@ class CompressContext:
 
 Handler = Callable[[Candidate, Any, CompressContext], dict[str, Any]]
 _HANDLERS: dict[type[RecipeConfig], Handler] = {}
-_HANDLER_MODULES = ("tasks.compress.quant", "tasks.compress.prune", "tasks.compress.export")
+_HANDLER_MODULES = ("tasks.compress.quant", "tasks.compress.prune", "tasks.compress.export", "tasks.compress.compile",
+                    "tasks.compress.distill")
 
 
 def recipe_handler(config: type[RecipeConfig]) -> Callable[[Handler], Handler]:
@@ -121,13 +125,20 @@ def save_candidate(candidate: Candidate, directory: Path, entry: ModelEntry, lin
     if candidate.storage is WeightsFormat.TORCHSCRIPT:
         raise ValueError("compression writes a state dict, int8 weights or a torch.export program, not TorchScript")
     directory.mkdir(parents=True, exist_ok=True)
-    fields = dict(name=entry.name, version="0", architecture=entry.architecture, class_names=list(entry.class_names),
+    architecture = candidate.architecture or entry.architecture
+    fields = dict(name=entry.name, version="0", architecture=architecture, class_names=list(entry.class_names),
                   preprocessing=entry.preprocessing, metrics=metrics, lineage=lineage)
     for name, data in candidate.files.items():
         (directory / name).write_bytes(data)
+    if candidate.storage is WeightsFormat.AOTI_PACKAGE:
+        from tasks.models.compiled import PACKAGE_FILE
+
+        (directory / PACKAGE_FILE).write_bytes(candidate.package)
+        fields["lineage"] = {**lineage, "compiled": candidate.compiled}
+        return write_entry(directory, weights_file=PACKAGE_FILE, weights_format=WeightsFormat.AOTI_PACKAGE, **fields)
     module = candidate.module.cpu()
     if (candidate.storage is WeightsFormat.EXPORTED_PROGRAM or candidate.program is not None
-            or not same_architecture(module, entry)):
+            or not same_architecture(module, replace(entry, architecture=architecture))):
         program = candidate.program or export_program(module, entry.preprocessing)
         buffer = io.BytesIO()
         torch.export.save(program, buffer)

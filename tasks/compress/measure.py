@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_leaves
 from tasks.devices import Device
 from tasks.models.entry import load_model
 from tasks.images.preprocess import Preprocessing
-from tasks.compress.targets import TargetProfile
+from tasks.targets import TargetProfile
 
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context, cuDNN/cuBLAS workspaces and DALI's pools: a fixed allowance
 MIB = 2**20
@@ -88,30 +88,68 @@ def check_fits(estimate: dict[str, int], measured_peak: int | None, target: Targ
             f"activations {estimate['activations'] / MIB:.0f} MiB); target {target.name} has {target.memory_gib:g} GiB")
 
 
-def measure_model(model_dir: str, device: Device, batch_size: int, min_seconds: float = 0.5) -> dict[str, Any]:
-    """Size on disk, parameters, FLOPs, and model images/s + peak GPU memory through the classify path's
-    Classifier (fp16 channels_last on CUDA, fp32 on CPU) on a synthetic batch of `batch_size` images."""
+def model_facts(model_dir: str, batch_size: int, on_cuda: bool) -> dict[str, Any]:
+    """Size on disk, parameters, FLOPs per image and the computed memory estimate at `batch_size` (no GPU needed).
+    A compiled model's come from its compile record: they were counted on the module it was compiled from."""
+    from tasks.models.compiled import compiled_record
+    from tasks.models.entry import WeightsFormat, read_entry
+
+    entry = read_entry(model_dir)
+    facts: dict[str, Any] = {"weights_bytes": entry.weights_bytes}
+    if entry.weights_format is WeightsFormat.AOTI_PACKAGE:
+        record = compiled_record(entry)
+        estimate = record.get("memory_estimate") or {"total": 0}
+        return {**facts, "parameters": record.get("parameters"), "flops": record.get("flops"),
+                "memory_estimate": estimate, "memory_estimate_bytes": estimate["total"]}
+    _, module = load_model(model_dir)
+    estimate = estimate_memory(module, entry.preprocessing, batch_size, on_cuda=on_cuda)
+    return {**facts, "parameters": count_parameters(module), "flops": count_flops(module, entry.preprocessing.input_shape),
+            "memory_estimate": estimate, "memory_estimate_bytes": estimate["total"]}
+
+
+def measure_speeds(model_dirs: dict[str, str], device: Device, batch_size: int, model_sms: int | None = None,
+                   rounds: int = 3, min_seconds: float = 0.5) -> dict[str, dict[str, Any]]:
+    """Images/s of each model through the executor as a classify run drives it (`Classifier.top_k`: fp16
+    channels_last and a CUDA graph on CUDA, on `model_sms` SMs when given; fp32 on the CPU), on a random batch of
+    `batch_size` images on the device. The models take turns, `rounds` times, each for at least `min_seconds` a
+    turn, and each gets its median: a slow spell of the machine falls on both. Peak GPU memory per model."""
     from tasks.classify.infer import Classifier
 
-    entry, module = load_model(model_dir)
-    pre = entry.preprocessing
-    result: dict[str, Any] = {"weights_bytes": entry.weights_bytes, "parameters": count_parameters(module),
-                              "flops": count_flops(module, pre.input_shape)}
-    del module
-    if device.is_cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device.torch_device)
-    classifier = Classifier(model_dir, device)
-    x = torch.rand((batch_size, *pre.input_shape), device=device.torch_device)
-    classifier.top_k(x, 5)  # warm-up: kernels chosen, memory pools grown
-    runs, t0 = 0, time.perf_counter()
-    while runs < 3 or time.perf_counter() - t0 < min_seconds:
-        classifier.top_k(x, 5)  # ends with a copy to the host, so the GPU work is finished when it returns
-        runs += 1
-    result["images_per_second"] = runs * batch_size / (time.perf_counter() - t0)
-    result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device.torch_device) if device.is_cuda else None
-    result["device"] = str(device)
-    return result
+    classifiers: dict[str, Classifier] = {}
+    peaks: dict[str, int | None] = {}
+    for name, model_dir in model_dirs.items():
+        base = 0
+        if device.is_cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device.torch_device)
+            base = torch.cuda.memory_allocated(device.torch_device)  # the models measured before this one
+        c = classifiers[name] = Classifier(model_dir, device, model_sms=model_sms)
+        if device.is_cuda:
+            c.capture(batch_size)
+        x = torch.rand((batch_size, *c.entry.preprocessing.input_shape), device=device.torch_device)
+        c.top_k(x, 5)  # warm-up: kernels chosen, memory pools grown
+        peaks[name] = torch.cuda.max_memory_allocated(device.torch_device) - base if device.is_cuda else None
+    rates: dict[str, list[float]] = {name: [] for name in classifiers}
+    inputs = {name: torch.rand((batch_size, *c.entry.preprocessing.input_shape), device=device.torch_device)
+              for name, c in classifiers.items()}
+    for _ in range(rounds):
+        for name, c in classifiers.items():
+            runs, t0 = 0, time.perf_counter()
+            while runs < 3 or time.perf_counter() - t0 < min_seconds:
+                c.top_k(inputs[name], 5)  # ends with a copy to the host: the GPU work is done when it returns
+                runs += 1
+            rates[name].append(runs * batch_size / (time.perf_counter() - t0))
+    return {name: {"images_per_second": sorted(r)[len(r) // 2], "images_per_second_runs": r,
+                   "peak_gpu_memory_bytes": peaks[name], "device": str(device), "model_sms": model_sms,
+                   "cuda_graph": classifiers[name].graph is not None}
+            for name, r in rates.items()}
+
+
+def measure_model(model_dir: str, device: Device, batch_size: int, min_seconds: float = 0.5,
+                  model_sms: int | None = None) -> dict[str, Any]:
+    """`model_facts` and `measure_speeds` of one model."""
+    speed = measure_speeds({"model": model_dir}, device, batch_size, model_sms, rounds=1, min_seconds=min_seconds)
+    return {**model_facts(model_dir, batch_size, device.is_cuda), **speed["model"]}
 
 
 @dataclass(frozen=True)
@@ -119,17 +157,26 @@ class GateDecision:
     passed: bool
     accuracy_drop_points: float
     reason: str
+    speedup: float | None = None
 
 
-def decide(parent_top1: float, child_top1: float, max_accuracy_drop: float, memory_problem: str = "") -> GateDecision:
-    """Pass when the top-1 drop (in percentage points) is at most `max_accuracy_drop` and the memory fits."""
+def decide(parent_top1: float, child_top1: float, max_accuracy_drop: float, memory_problem: str = "",
+           speedup: float | None = None, min_speedup: float = 0.0, where: str = "") -> GateDecision:
+    """Pass when the top-1 drop (in percentage points) is at most `max_accuracy_drop`, the memory fits and the
+    child is at least `min_speedup` times as fast as the parent (measured `where`)."""
     drop = (parent_top1 - child_top1) * 100
     if drop > max_accuracy_drop:
         return GateDecision(False, drop, f"top-1 accuracy dropped {drop:.2f} points ({parent_top1:.4f} -> "
-                                         f"{child_top1:.4f}); allowed: at most {max_accuracy_drop:g}")
+                                         f"{child_top1:.4f}); allowed: at most {max_accuracy_drop:g}", speedup)
     if memory_problem:
-        return GateDecision(False, drop, f"does not fit the target: {memory_problem}")
-    return GateDecision(True, drop, f"top-1 drop {drop:.2f} points is within {max_accuracy_drop:g}")
+        return GateDecision(False, drop, f"does not fit the target: {memory_problem}", speedup)
+    at = f" {where}" if where else ""
+    if min_speedup > 0 and (speedup is None or speedup < min_speedup):
+        said = "not measured" if speedup is None else f"x{speedup:.2f} the parent's images/s{at}"
+        return GateDecision(False, drop, f"not fast enough: {said}; needs at least x{min_speedup:g} "
+                                         f"(top-1 drop {drop:.2f} points is within {max_accuracy_drop:g})", speedup)
+    fast = f", x{speedup:.2f} the parent's images/s{at}" if speedup is not None else ""
+    return GateDecision(True, drop, f"top-1 drop {drop:.2f} points is within {max_accuracy_drop:g}{fast}", speedup)
 
 
 _ROWS = (("top-1 accuracy", "top1", "{:.4f}"), ("top-5 accuracy", "top5", "{:.4f}"),

@@ -9,10 +9,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.compress.apply import CompressContext, compress
-from tasks.compress.measure import estimate_memory, measure_model
+from tasks.compress.measure import measure_speeds, model_facts
 from tasks.compress.recipes import recipe_from_dict
 from tasks.devices import resolve_device
-from tasks.models.entry import load_model, read_entry
+from tasks.models.entry import read_entry
 
 
 @task(name="compress", cache_policy=NO_CACHE)
@@ -27,11 +27,12 @@ def compress_task(parent_dir: str, recipes: list[dict[str, Any]], staging: str, 
         log.info("%s: %s", step["recipe"], {k: v for k, v in step.items() if k not in ("recipe", "fine_tune")})
     return {"steps": steps, "weights_format": child.weights_format.value, "weights_bytes": child.weights_bytes}
 
-@task(name="measure-model", cache_policy=NO_CACHE)
-def measure_task(model_dir: str, device: str, batch_size: int) -> dict[str, Any]:
-    """Size, parameters, FLOPs, model images/s, peak GPU memory, and the computed memory estimate."""
+@task(name="measure-models", cache_policy=NO_CACHE)
+def measure_pair_task(parent_dir: str, child_dir: str, device: str, batch_size: int,
+                      model_sms: int | None = None) -> dict[str, dict[str, Any]]:
+    """Parent and child the same way: size, parameters, FLOPs, the memory estimate, and images/s through the
+    executor taking turns (on `model_sms` SMs of the card when given), with peak GPU memory."""
     dev = resolve_device(device)
-    result = measure_model(model_dir, dev, batch_size)
-    entry, module = load_model(model_dir)
-    estimate = estimate_memory(module, entry.preprocessing, batch_size, on_cuda=True)
-    return {**result, "memory_estimate": estimate, "memory_estimate_bytes": estimate["total"]}
+    speeds = measure_speeds({"parent": parent_dir, "child": child_dir}, dev, batch_size, model_sms)
+    return {name: {**model_facts(path, batch_size, True), **speeds[name]}
+            for name, path in (("parent", parent_dir), ("child", child_dir))}

@@ -48,8 +48,11 @@ def prune_channels(module: nn.Module, ratio: float, input_shape: tuple[int, ...]
             "flop_reduction": 1 - after["flops"] / before["flops"]}
 
 
-def fine_tune(module: nn.Module, teacher: nn.Module | None, cfg: PruneConfig, ctx: CompressContext) -> list[dict]:
-    """Train on the parent's recorded train split through the training loader; report val accuracy per epoch."""
+def fine_tune(module: nn.Module, teacher: nn.Module | None, ctx: CompressContext, epochs: int, learning_rate: float,
+              temperature: float = 4.0, alpha: float = 0.5) -> list[dict]:
+    """Train on the parent's recorded train split through the training loader; report val accuracy per epoch.
+    With a teacher (the parent), the loss is `alpha` x cross-entropy + (1 - alpha) x T^2 x KL towards the teacher's
+    soft predictions at temperature T (distillation)."""
     from tasks.images.decode import ImageDecoder
     from tasks.images.preprocess import Augmentation
     from tasks.train.train import LabelledBatches, accuracy, train_epoch
@@ -70,8 +73,8 @@ def fine_tune(module: nn.Module, teacher: nn.Module | None, cfg: PruneConfig, ct
                                      augment=Augmentation(flip, seed=0))
         train = LabelledBatches(train_table, class_index, train_decoder, readers)
         val = LabelledBatches(val_table, class_index, ImageDecoder(pre, device, ctx.batch_size, ctx.num_threads), readers)
-        steps = max(1, cfg.epochs * math.ceil(train_table.num_rows / train.decoder.max_batch_size))
-        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
+        steps = max(1, epochs * math.ceil(train_table.num_rows / train.decoder.max_batch_size))
+        optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=1e-4)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         rng = np.random.default_rng(0)
         def loss_of(logits: torch.Tensor, target: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -79,11 +82,11 @@ def fine_tune(module: nn.Module, teacher: nn.Module | None, cfg: PruneConfig, ct
             if teacher is None:
                 return loss
             with torch.no_grad():  # distillation from the parent
-                soft = (teacher(images) / cfg.temperature).softmax(1)
-            kl = F.kl_div((logits / cfg.temperature).log_softmax(1), soft, reduction="batchmean")
-            return 0.5 * loss + 0.5 * cfg.temperature**2 * kl
+                soft = (teacher(images) / temperature).softmax(1)
+            kl = F.kl_div((logits / temperature).log_softmax(1), soft, reduction="batchmean")
+            return alpha * loss + (1 - alpha) * temperature**2 * kl
 
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
             loss = train_epoch(module, train, rng.permutation(len(train.uris)), optimizer, schedule.step, loss_of)
             history.append({"epoch": epoch, "loss": loss, "val_accuracy": accuracy(module, val),
@@ -97,7 +100,8 @@ def prune(candidate: Candidate, cfg: PruneConfig, ctx: CompressContext) -> dict[
     report = prune_channels(module, cfg.ratio, ctx.entry.preprocessing.input_shape, ctx.entry.num_classes,
                             cfg.round_to)
     teacher = load_model(ctx.parent_dir)[1].float() if cfg.distill else None
-    report["fine_tune"] = fine_tune(module, teacher, cfg, ctx) if cfg.epochs else []
+    report["fine_tune"] = fine_tune(module, teacher, ctx, cfg.epochs, cfg.learning_rate, cfg.temperature) \
+        if cfg.epochs else []
     candidate.module = module.cpu().eval()
     candidate.storage = WeightsFormat.EXPORTED_PROGRAM  # a pruned shape: stored as a program
     return report

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tasks.compress.targets import TargetProfile
+from tasks.targets import TargetProfile
 
 if TYPE_CHECKING:
     from tasks.devices import Device
@@ -36,6 +36,31 @@ class RecipeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.name, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class DistillConfig(RecipeConfig):
+    """Train a smaller architecture from scratch on the parent's train split against the parent's soft predictions
+    (knowledge distillation): the child is that architecture, with the parent's classes and preprocessing."""
+
+    name: ClassVar[str] = "distill"
+    positional: ClassVar[str] = "arch"
+    rank: ClassVar[int] = -1  # first: it replaces the model the rest of the chain works on
+    arch: str = "resnet18"
+    epochs: int = 10
+    learning_rate: float = 3e-3
+    temperature: float = 4.0
+    alpha: float = 0.5  # weight of the hard-label loss; 1 - alpha goes to the parent's soft predictions
+
+    def __post_init__(self) -> None:
+        from tasks.models.entry import list_architectures  # the registry of architectures (imports torch)
+
+        if self.arch not in list_architectures():
+            raise ValueError(f"distill architecture {self.arch!r} is not known; available: "
+                             f"{', '.join(list_architectures())}")
+        if self.epochs < 1 or not self.learning_rate > 0 or not self.temperature > 0 or not 0 <= self.alpha <= 1:
+            raise ValueError(f"distill epochs {self.epochs!r} must be >= 1, learning_rate {self.learning_rate!r} and "
+                             f"temperature {self.temperature!r} positive, alpha {self.alpha!r} in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -139,8 +164,33 @@ class ExportConfig(RecipeConfig):
                              f"{self.max_abs_diff!r} (> 0) or min_agreement {self.min_agreement!r} (0-1] out of range")
 
 
+@dataclass(frozen=True)
+class CompileConfig(RecipeConfig):
+    """The model compiled ahead of time with Inductor into an AOTInductor package, for the device the compression
+    runs on (its GPU architecture, or the CPU's instruction set), this torch, and one batch shape; loaded at
+    classify time without compiling, refused elsewhere. Stored only if it agrees with the eager model on N images
+    of the parent's test split."""
+
+    name: ClassVar[str] = "compile"
+    positional: ClassVar[str] = "batch_size"
+    rank: ClassVar[int] = 4  # last: it freezes whatever the chain made
+    batch_size: int = 0  # 0: the compression run's batch size (what the executor will run)
+    parity_images: int = 256
+    min_agreement: float = 0.995  # share of images whose top-1 class is the eager model's
+    max_rel_diff: float = 1e-2  # ||logits - eager|| / ||eager||: fp16 rounding is ~1e-3
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.batch_size <= 8192 or not 1 <= self.parity_images <= 100_000:
+            raise ValueError(f"compile batch_size {self.batch_size!r} (0-8192, 0 = the run's) or parity_images "
+                             f"{self.parity_images!r} (1-100000) out of range")
+        if not 0 < self.min_agreement <= 1 or not self.max_rel_diff > 0:
+            raise ValueError(f"compile min_agreement {self.min_agreement!r} (0-1] or max_rel_diff "
+                             f"{self.max_rel_diff!r} (> 0) out of range")
+
+
 RECIPES: dict[str, type[RecipeConfig]] = {c.name: c for c in (
-    PruneConfig, Sparse24Config, Fp16Config, Bf16Config, Int8WeightsConfig, Int8StaticConfig, ExportConfig)}
+    DistillConfig, PruneConfig, Sparse24Config, Fp16Config, Bf16Config, Int8WeightsConfig, Int8StaticConfig,
+    ExportConfig, CompileConfig)}
 
 
 # --- how a recipe is written, derived from its config --------------------------------------------------------------
@@ -231,7 +281,7 @@ def parse_chain(texts: list[str]) -> list[RecipeConfig]:
         if b.rank < a.rank:
             order = " -> ".join(sorted(RECIPES, key=lambda n: RECIPES[n].rank))
             raise ValueError(f"recipe {b.name!r} cannot follow {a.name!r}; chains go in this order: {order}")
-        if a.rank == b.rank == 3:
+        if a.rank == 3 and b.rank >= 3:
             raise ValueError(f"{a.name!r} already stores a torch.export program; {b.name!r} cannot follow it")
     return chain
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +24,9 @@ from torch import nn
 
 from tasks.images.preprocess import Preprocessing
 from tasks.storage import sha256_of
+
+if TYPE_CHECKING:
+    from tasks.devices import Device
 
 FORMAT = "a2k.model/1"
 ENTRY_FILE = "model.json"
@@ -37,6 +40,7 @@ class WeightsFormat(str, Enum):
     TORCHSCRIPT = "torchscript"  # a TorchScript archive (architecture inside; no Python pickle)
     EXPORTED_PROGRAM = "torch.export"  # a torch.export program (.pt2)
     INT8_WEIGHTS = "safetensors-int8"  # a state dict with int8 weights + per-channel scales, dequantized at load
+    AOTI_PACKAGE = "aoti-package"  # an AOTInductor package a2k compiled: one device architecture, torch and batch
 
 
 class Status(str, Enum):
@@ -87,26 +91,40 @@ class SeedCNN(nn.Module):
     """The origin document's classifier: 3 x (conv 3x3 + ReLU + 2x2 max-pool) at 32/64/128 channels,
     flatten, dense 128 + ReLU, dense to the classes."""
 
+    widths: tuple[int, int, int] = (32, 64, 128)
+    hidden: int = 128
+
     def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32) -> None:
         super().__init__()
         if image_size < 8:
             raise ValueError(f"seed-cnn needs images of at least 8x8 pixels, not {image_size}")
         blocks: list[nn.Module] = []
         channels = in_channels
-        for width in (32, 64, 128):
+        for width in self.widths:
             blocks += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             channels = width
         self.features = nn.Sequential(*blocks)
         side = image_size // 8
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(128 * side * side, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes)
+            nn.Flatten(), nn.Linear(channels * side * side, self.hidden), nn.ReLU(inplace=True),
+            nn.Linear(self.hidden, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
-register_architecture("seed-cnn", Preprocessing(resize=36, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3))(SeedCNN)
+class TinyCNN(SeedCNN):
+    """seed-cnn at half the width (16/32/64 channels, dense 64): about a quarter of its operations, a student
+    for distillation on small images."""
+
+    widths = (16, 32, 64)
+    hidden = 64
+
+
+_SMALL_IMAGES = Preprocessing(resize=36, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+register_architecture("seed-cnn", _SMALL_IMAGES)(SeedCNN)
+register_architecture("tiny-cnn", _SMALL_IMAGES)(TinyCNN)
 
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
@@ -342,8 +360,16 @@ _LOADERS: dict[WeightsFormat, Callable[[ModelEntry, Path], nn.Module]] = {
 }
 
 
-def load_model(directory: str | os.PathLike) -> tuple[ModelEntry, nn.Module]:
-    """Rebuild the model from its entry and its weights, after checking the weights' sha256. Never unpickles."""
+def load_model(directory: str | os.PathLike, device: Device | None = None) -> tuple[ModelEntry, nn.Module]:
+    """Rebuild the model from its entry and its weights, after checking the weights' sha256. Never unpickles.
+
+    An AOTInductor package is loaded onto `device` (it runs there only, after `compiled.check_runs_here`) as a
+    `compiled.CompiledModel`; every other format comes as an nn.Module on the CPU, and `device` is not used."""
     entry = read_entry(directory)
-    model = _LOADERS[entry.weights_format](entry, verify_weights(directory, entry))
+    weights = verify_weights(directory, entry)
+    if entry.weights_format is WeightsFormat.AOTI_PACKAGE:
+        from tasks.models.compiled import load_compiled
+
+        return entry, load_compiled(entry, weights, device)
+    model = _LOADERS[entry.weights_format](entry, weights)
     return entry, model if entry.weights_format is WeightsFormat.EXPORTED_PROGRAM else model.eval()

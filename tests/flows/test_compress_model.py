@@ -3,14 +3,19 @@ is registered, loads, classifies the parent's test split, and passes or fails th
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+
 import pytest
 import torch
 from prefect.artifacts import Artifact
 
 from a2k.cli import main
+from flows.classify_images import classify_images
 from flows.compress_model import compress_model
 from tasks.models.entry import WeightsFormat, load_model
-from tasks.models.registry import get_model, list_models
+from tasks.models.registry import fetch_model, get_model, list_models
 from tests.tasks.compress.test_recipes import trained_registry  # noqa: F401  (the trained parent, copied per test)
 
 
@@ -27,11 +32,13 @@ def _check_outcome(result: dict, registry: str) -> None:
     assert info.entry.metrics["top1"] == child["top1"] and info.entry.metrics["parent_top1"] == parent["top1"]
     aliases = get_model("models:/digits/1", registry)  # the registry's view of the parent stays intact
     assert aliases.status.value == "ready"
-    if drop <= 1.0:
+    speedup = child["images_per_second"] / parent["images_per_second"]
+    assert result["speedup"] == pytest.approx(speedup) and info.entry.lineage["gate"]["speedup"] == result["speedup"]
+    if drop <= 1.0 and speedup >= result["min_speedup"]:
         assert result["passed"] and info.status.value == "ready" and "candidate" in info.aliases
     else:
         assert not result["passed"] and info.status.value == "rejected" and info.aliases == ()
-        assert f"dropped {drop:.2f} points" in info.status_reason
+        assert (f"dropped {drop:.2f} points" if drop > 1.0 else "not fast enough") in info.status_reason
 
 
 def _classifies(result: dict, registry: str) -> torch.Tensor:
@@ -79,7 +86,8 @@ def test_int8_static_child_is_a_quantized_cpu_program(trained_registry):
 
 
 def test_export_stores_a_program_and_onnx_after_parity(trained_registry):
-    result = compress_model(model="models:/digits/1", recipes=["export:16"], device="cpu", registry=trained_registry)
+    result = compress_model(model="models:/digits/1", recipes=["export:16"], device="cpu", min_speedup=0,
+                            registry=trained_registry)
     _check_outcome(result, trained_registry)
     assert result["passed"] and result["accuracy_drop_points"] == pytest.approx(0.0, abs=1e-9)
     step = result["steps"][0]
@@ -121,8 +129,67 @@ def test_cli_compress_bf16_prints_side_by_side_and_refuses_what_a_target_cannot_
                  "--registry", trained_registry]) == 2
     assert "'int8-static' runs on cpu only; target 'a2000' is cuda" in capsys.readouterr().err
     assert main(["compress", "models:/digits/1", "--recipe", "int4", "--registry", trained_registry]) == 2
-    assert "recipe 'int4' is not known; allowed: prune:RATIO" in capsys.readouterr().err
+    assert "recipe 'int4' is not known; allowed: distill:ARCH" in capsys.readouterr().err
     assert main(["compress", "models:/digits/1", "--recipe", "sparse-2:4", "--device", "cpu", "--json",
                  "--registry", trained_registry]) == 2
     assert "'sparse-2:4' runs on cuda only; device cpu is cpu" in capsys.readouterr().err
     assert [v.entry.version for v in list_models(trained_registry)] == ["1", "2"]
+
+
+def test_compile_child_is_an_aoti_package_that_classifies_and_is_refused_where_it_was_not_built(
+        trained_registry, tmp_path):
+    result = compress_model(model="models:/digits/1", recipes=["compile"], device="cpu", batch_size=64, min_speedup=0,
+                            registry=trained_registry)
+    _check_outcome(result, trained_registry)  # the child classified all 269 test images through the classify flow
+    info = get_model(result["child"], trained_registry)
+    assert info.entry.weights_format is WeightsFormat.AOTI_PACKAGE and info.entry.weights_file == "model.aoti.pt2"
+    compiled = info.entry.lineage["compiled"]
+    assert compiled["device"] == "cpu" and compiled["batch_size"] == 64 and compiled["torch"] == torch.__version__
+    assert compiled["parameters"] == result["parent_measures"]["parameters"] == result["child_measures"]["parameters"]
+    parity = result["steps"][0]["parity"]
+    assert parity["images"] == 256 and parity["top1_agreement"] >= 0.995 and parity["rel_diff"] < 1e-4
+    assert result["accuracy_drop_points"] == pytest.approx(0.0, abs=0.4)
+    child_dir = fetch_model(info, trained_registry)
+    _, model = load_model(child_dir)
+    parent = load_model(fetch_model(get_model("models:/digits/1", trained_registry), trained_registry))[1]
+    x = torch.rand(70, 3, 32, 32)  # more than one compiled batch, and a padded remainder
+    with torch.inference_mode():
+        assert torch.allclose(model(x), parent(x), atol=1e-3)
+
+    # the same package where it was not built (here: an entry saying another card): refused before any work
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(child_dir, elsewhere)
+    doc = json.loads((elsewhere / "model.json").read_text())
+    doc["lineage"]["compiled"] |= {"device": "cuda", "arch": "sm_86"}
+    (elsewhere / "model.json").write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    test_split = get_model("models:/digits/1", trained_registry).url + "/splits/test.parquet"
+    message = (re.escape(f"model digits v{info.entry.version} is compiled for cuda sm_86 with torch "
+                         f"{torch.__version__}; this run has cpu ") + ".*: classify with models:/digits/1 instead")
+    with pytest.raises(ValueError, match=message):
+        classify_images(input=test_split, output=str(out), model=str(elsewhere), device="cpu")
+    assert not list(out.rglob("*.parquet"))
+
+
+def test_distill_trains_a_smaller_architecture_against_the_parent(trained_registry):
+    result = compress_model(model="models:/digits/1", recipes=["distill:tiny-cnn,epochs=3"], device="cpu",
+                            batch_size=64, min_speedup=0, max_accuracy_drop=100, registry=trained_registry)
+    _check_outcome(result, trained_registry)
+    info = get_model(result["child"], trained_registry)
+    assert info.entry.architecture == "tiny-cnn" and info.entry.weights_format is WeightsFormat.STATE_DICT
+    step = result["steps"][0]
+    assert step["student"] == "tiny-cnn" and step["teacher"] == "seed-cnn" and len(step["fine_tune"]) == 3
+    p, c = result["parent_measures"], result["child_measures"]
+    assert c["flops"] == step["flops_after"] < 0.4 * p["flops"] and c["parameters"] < 0.4 * p["parameters"]
+    assert c["top1"] > 0.5  # it learned the digits (chance is 0.1) from the parent's split and soft predictions
+    assert _classifies(result, trained_registry).architecture == "tiny-cnn"
+
+
+def test_a_child_too_slow_for_the_gate_is_rejected_with_its_numbers(trained_registry):
+    result = compress_model(model="models:/digits/1", recipes=["fp16"], device="cpu", min_speedup=1000,
+                            registry=trained_registry)
+    _check_outcome(result, trained_registry)
+    assert not result["passed"] and "not fast enough" in result["reason"] and "needs at least x1000" in result["reason"]
+    info = get_model(result["child"], trained_registry)
+    assert info.status.value == "rejected" and info.entry.metrics["speedup"] == pytest.approx(result["speedup"])
+    assert info.entry.lineage["gate"]["min_speedup"] == 1000 and info.entry.lineage["gate"]["measured"] == "on cpu"

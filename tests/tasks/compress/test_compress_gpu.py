@@ -57,3 +57,52 @@ def test_measure_reports_peak_gpu_memory_and_speed(seed_model_dir):
 
     result = measure_model(str(seed_model_dir), resolve_device("cuda"), 256, min_seconds=0.2)
     assert result["peak_gpu_memory_bytes"] > 0 and result["images_per_second"] > 0
+
+
+def test_compile_on_cuda_is_a_package_for_this_card_that_a_cuda_graph_captures_and_agrees_with_eager(
+        seed_model_dir, tmp_path):
+    from torch._inductor import aoti_load_package
+
+    from tasks.classify.infer import Classifier
+    from tasks.compress.apply import save_candidate
+    from tasks.compress.compile import check_compiled, compile_package
+    from tasks.compress.recipes import CompileConfig
+    from tasks.models.compiled import CompiledModel
+    from tasks.models.entry import WeightsFormat, load_model, read_entry
+
+    ctx = _ctx(seed_model_dir)
+    _, model = load_model(seed_model_dir)
+    package, reference, record = compile_package(model, (3, 32, 32), ctx.device, 64, tmp_path)
+    major, minor = torch.cuda.get_device_capability(0)
+    assert record["arch"] == f"sm_{major}{minor}" and record["dtype"] == "float16" and record["device"] == "cuda"
+    compiled = CompiledModel(aoti_load_package(str(package)), 64, torch.float16, True, ctx.device)
+    parity = check_compiled(reference, compiled, torch.rand(100, 3, 32, 32), CompileConfig())
+    assert parity["top1_agreement"] >= 0.995 and parity["rel_diff"] <= 1e-2
+    candidate = Candidate(model, WeightsFormat.AOTI_PACKAGE, package=package.read_bytes(), compiled=record)
+    child = save_candidate(candidate, tmp_path / "child", read_entry(seed_model_dir), {"parent": "models:/seed/1"})
+    assert child.weights_format is WeightsFormat.AOTI_PACKAGE
+    executor = Classifier(str(tmp_path / "child"), ctx.device)
+    assert executor.compiled_batch == 64 and executor.capture(64)  # the package runs inside a CUDA graph
+    x = torch.rand(50, 3, 32, 32, device="cuda")
+    eager = Classifier(str(seed_model_dir), ctx.device)
+    assert (executor.top_k(x, 1)[1] == eager.top_k(x, 1)[1]).mean() >= 0.96
+
+
+@pytest.mark.gpu_memory(4)
+def test_a_share_of_the_sms_runs_the_model_slower_as_a_small_card_would(tmp_path):
+    """The executor on a green context of 8 SMs (an A2000-class budget on a large card) against the whole card."""
+    from tasks.compress.measure import measure_speeds
+    from tasks.devices import resolve_device
+    from tasks.models.entry import save_model_dir
+
+    pre = default_preprocessing("resnet50")
+    save_model_dir(build_model("resnet50", 10, pre), tmp_path / "r50", name="r50", version="1",
+                   architecture="resnet50", class_names=[str(i) for i in range(10)], preprocessing=pre)
+    dev = resolve_device("cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if sms < 32:
+        pytest.skip(f"a card of {sms} SMs is small already")
+    whole = measure_speeds({"m": str(tmp_path / "r50")}, dev, 128, None, rounds=1)["m"]
+    share = measure_speeds({"m": str(tmp_path / "r50")}, dev, 128, 8, rounds=1)["m"]
+    assert share["model_sms"] == 8 and share["cuda_graph"] and whole["cuda_graph"]
+    assert share["images_per_second"] < whole["images_per_second"] / 3, (share, whole)

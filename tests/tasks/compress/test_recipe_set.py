@@ -62,7 +62,7 @@ def test_a_new_recipe_or_field_appears_in_the_listing_and_parses_without_more_co
     assert recipe_usage(Fp16Config) == "fp16"
     assert "resize" not in allowed_recipes()
     monkeypatch.setitem(RECIPES, "resize", _ResizeConfig)
-    assert allowed_recipes().startswith("prune:RATIO") and "resize:SIZE[,KEY=VALUE]" in allowed_recipes()
+    assert allowed_recipes().startswith("distill:ARCH") and "resize:SIZE[,KEY=VALUE]" in allowed_recipes()
     assert parse_recipe("resize:32,antialias=false") == _ResizeConfig(32, False)
 
 

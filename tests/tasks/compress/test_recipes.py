@@ -17,7 +17,7 @@ from tasks.compress.recipes import (
 )
 from tasks.models.entry import load_model, read_entry
 from tasks.models.registry import fetch_model, get_model
-from tasks.compress.targets import get_target
+from tasks.targets import get_target
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,7 +62,7 @@ def test_recipe_strings_parse_to_configs_that_round_trip_through_dicts():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("int9", "recipe 'int9' is not known; allowed: prune:RATIO"),
+    ("int9", "recipe 'int9' is not known; allowed: distill:ARCH"),
     ("prune:1.5", "prune ratio 1.5 must be between 0 and 1"),
     ("prune:abc", "value 'abc' in recipe 'prune:abc' is not a float"),
     ("fp16:2", "recipe 'fp16' takes no value"),
@@ -77,7 +77,9 @@ def test_bad_recipe_strings_are_refused_naming_what_is_allowed(text, message):
 
 @pytest.mark.parametrize("chain, message", [
     ([], "give at least one recipe"),
-    (["fp16", "prune:0.3"], "'prune' cannot follow 'fp16'; chains go in this order: prune"),
+    (["fp16", "prune:0.3"], "'prune' cannot follow 'fp16'; chains go in this order: distill -> prune"),
+    (["export", "compile"], "already stores a torch.export program; 'compile' cannot follow it"),
+    (["compile", "distill:tiny-cnn"], "'distill' cannot follow 'compile'"),
     (["fp16", "int8-weights"], "each set how weights are stored; choose one"),
     (["export", "fp16"], "'fp16' cannot follow 'export'"),
     (["int8-static", "export"], "already stores a torch.export program"),
@@ -224,3 +226,9 @@ def test_memory_estimate_and_the_a2000_budget():
     assert decide(0.95, 0.945, 1.0).passed and not decide(0.95, 0.93, 1.0).passed
     assert "dropped 2.00 points" in decide(0.95, 0.93, 1.0).reason
     assert "does not fit" in decide(0.95, 0.95, 1.0, "needs 9 GiB").reason
+    fast, slow = decide(0.95, 0.945, 1.0, "", 1.6, 1.2, "on 8 SMs"), decide(0.95, 0.95, 1.0, "", 1.1, 1.2, "on 8 SMs")
+    assert fast.passed and fast.reason == "top-1 drop 0.50 points is within 1, x1.60 the parent's images/s on 8 SMs"
+    assert not slow.passed and slow.reason.startswith("not fast enough: x1.10 the parent's images/s on 8 SMs; needs "
+                                                      "at least x1.2")
+    assert not decide(0.95, 0.90, 1.0, "", 3.0, 1.2).passed  # fast but inaccurate
+    assert decide(0.95, 0.95, 1.0, "", 0.5, 0.0).passed  # 0: speed not required
