@@ -1,15 +1,19 @@
-"""The `a2k-demo` flow: build the digits dataset, train seed-cnn, classify the held-out test split."""
+"""The `a2k-demo` flow: build the digits dataset, train seed-cnn, compress it (compile; prune + compile; distill +
+compile), promote the fastest child that passes the gate, classify the held-out test split with production."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.home import demo_dir
 from flows.classify_images import classify_images
+from flows.compress_model import compress_model
 from flows.params import DeviceSpec, Epochs
 from flows.train_model import train_model
 from tasks.train.demo_data import write_digits_dataset
@@ -32,11 +36,18 @@ def promote_task(name: str, version: int, alias: str, registry: str | None) -> s
     return str(set_alias(name, alias, version, registry).ref)
 
 
+# what the demo compresses its model with: each child is gated on its measured speed and accuracy
+DEMO_CHAINS = (("compile",), ("prune:0.5,epochs=3,distill=true", "compile"), ("distill:tiny-cnn,epochs=8", "compile"))
+
+
 @flow(name="a2k-demo")
 def demo(
-    workdir: str | None = None, epochs: Epochs = 10, device: DeviceSpec = "auto", registry: str | None = None
+    workdir: str | None = None, epochs: Epochs = 10, device: DeviceSpec = "auto", registry: str | None = None,
+    compress: Annotated[bool, Field(description="compress the trained model and promote the fastest child that "
+                                                "passes the gate (--no-compress: classify with the trained one)")] = True,
 ) -> dict[str, Any]:
-    """End to end on real data: scikit-learn's handwritten digits -> seed-cnn -> predictions in Parquet.
+    """End to end on real data: scikit-learn's handwritten digits -> seed-cnn -> compressed children, gated on
+    speed and accuracy -> predictions of `digits-cnn@production` in Parquet.
 
     Accuracy is recomputed from the Parquet the classify flow wrote, not taken from training.
     """
@@ -47,6 +58,14 @@ def demo(
         device=device, registry=registry,
     )
     promote_task(trained["name"], int(trained["version"]), "production", registry)
+    children = [compress_model(model=trained["ref"], recipes=list(chain), device=device, registry=registry)
+                for chain in (DEMO_CHAINS if compress else ())]
+    for child in children:
+        get_run_logger().info("%s (%s): %s", child["child"], " -> ".join(child["recipes"]),
+                              f"passed: {child['reason']}" if child["passed"] else f"REJECTED: {child['reason']}")
+    best = max((c for c in children if c["passed"]), key=lambda c: c["speedup"], default=None)
+    if best is not None:
+        promote_task(trained["name"], int(best["child"].rsplit("/", 1)[1]), "production", registry)
     output = str(root / "predictions" / f"digits-cnn-v{trained['version']}")
     summary = classify_images(
         input=f"{trained['url']}/splits/test.parquet", output=output, model="models:/digits-cnn@production",
@@ -58,4 +77,7 @@ def demo(
         score["accuracy"], score["labelled"], summary["images_per_second"], output,
     )
     return {"model": trained["ref"], "model_url": trained["url"], "train_metrics": trained["metrics"], "accuracy": score,
-            "images_per_second": summary["images_per_second"], "output": output, "errors": summary["errors"]}
+            "images_per_second": summary["images_per_second"], "output": output, "errors": summary["errors"],
+            "classified_with": f"models:/{summary['model']['name']}/{summary['model']['version']}",
+            "children": [{k: c[k] for k in ("child", "recipes", "passed", "reason", "speedup", "accuracy_drop_points")}
+                         for c in children]}

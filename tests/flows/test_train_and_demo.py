@@ -5,17 +5,25 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from flows.demo import demo
+from flows.demo import DEMO_CHAINS, demo
 from flows.train_model import train_model
 from tasks.models.registry import get_model
 
 
-def test_demo_trains_on_real_digits_and_reaches_95_percent_measured_from_the_parquet(tmp_path):
+def test_demo_trains_compresses_gates_and_classifies_with_production_at_95_percent_from_the_parquet(tmp_path):
     result = demo(workdir=str(tmp_path / "demo"), device="cpu")
     df = pd.read_parquet(result["output"])
     accuracy = (df["label"] == df["true_label"]).mean()
     assert result["model"] == "models:/digits-cnn/1"
-    assert get_model("models:/digits-cnn@production").entry.version == "1"
+    children = result["children"]
+    assert [c["recipes"] for c in children] == [list(chain) for chain in DEMO_CHAINS]
+    assert [c["child"] for c in children] == ["models:/digits-cnn/2", "models:/digits-cnn/3", "models:/digits-cnn/4"]
+    passed = [c for c in children if c["passed"]]
+    assert all(c["accuracy_drop_points"] <= 1.0 and c["speedup"] >= 1.2 for c in passed)
+    assert all("not fast enough" in c["reason"] or "dropped" in c["reason"] for c in children if not c["passed"])
+    production = max(passed, key=lambda c: c["speedup"])["child"] if passed else "models:/digits-cnn/1"
+    assert str(get_model("models:/digits-cnn@production").ref) == production == result["classified_with"]
+    assert set(df["model_version"]) == {production.rsplit("/", 1)[1]}
     entry = json.loads((Path(result["model_url"]) / "model.json").read_text())
     counts = entry["lineage"]["split"]["counts"]
     assert sum(counts.values()) == 1797 and len(df) == counts["test"] == result["accuracy"]["labelled"]
