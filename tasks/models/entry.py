@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tasks.images.preprocess import Preprocessing
+from tasks.models.exported import load_exported_program  # checks the archive: nothing in it is unpickled or run
 from tasks.storage import sha256_of
 
 FORMAT = "a2k.model/1"
@@ -330,8 +331,7 @@ def _load_torchscript(entry: ModelEntry, weights: Path) -> nn.Module:
 
 
 def _load_exported_program(entry: ModelEntry, weights: Path) -> nn.Module:
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers the int8 (quantized_decomposed) ops
-    return torch.export.load(str(weights)).module()  # captured in eval mode; its module refuses .eval()
+    return load_exported_program(weights).module()  # captured in eval mode; its module refuses .eval()
 
 
 _LOADERS: dict[WeightsFormat, Callable[[ModelEntry, Path], nn.Module]] = {
