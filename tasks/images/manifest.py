@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from tasks.images.names import path_of_uri, uri_of_path
 from tasks.storage import filesystem, full_url, is_url, object_paths, read_parquet, redact, sha256_of, write_parquet
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,10 @@ def _list_folder(folder: str, depth: int) -> tuple[tuple[list, list, list, list]
             st = entry.stat()
         except FileNotFoundError:  # vanished while listing (or a dangling link): never part of this run
             continue
-        uris.append(entry.path)
+        uris.append(uri_of_path(entry.path))  # a name that is not UTF-8 is escaped, not a failed run
         sizes.append(st.st_size)
         mtimes.append(st.st_mtime_ns)
-    label = os.path.basename(folder) if depth == 1 else None
+    label = uri_of_path(os.path.basename(folder)) if depth == 1 else None
     return (uris, sizes, mtimes, [label] * len(uris)), subfolders
 
 
@@ -201,7 +202,7 @@ def _stat_all(uris: list[str]) -> tuple[list[int], list[int], list[str | None]]:
 
 def _stat_or_none(uri: str) -> os.stat_result | None:
     try:
-        return os.stat(uri)
+        return os.stat(path_of_uri(uri))
     except OSError:  # the decode step records it as vanished or unreadable
         return None
 
@@ -230,7 +231,7 @@ def with_content_hashes(table: pa.Table) -> pa.Table:
     """The manifest plus a `sha256` column of each file's bytes, so a split can be checked later."""
 
     def digest(uri: str) -> str:
-        with open(uri, "rb") as f:
+        with open(path_of_uri(uri), "rb") as f:
             return sha256_of(f)
 
     return table.append_column("sha256", pa.array([digest(u) for u in table.column("uri").to_pylist()], pa.string()))

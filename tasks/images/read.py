@@ -14,6 +14,7 @@ from enum import Enum
 import numpy as np
 from PIL import Image
 
+from tasks.images.names import path_of_uri
 from tasks.images.formats import is_truncated, pillow_reason, plain_jpeg_size, signature
 from tasks.storage import is_url, object_paths, redact
 
@@ -95,10 +96,11 @@ def read_image(uri: str, arena: ReadArena | None = None, max_bytes: int = MAX_FI
     regular file is opened (a FIFO would wait for a writer forever, a device never end), and at most the size it
     had when opened is read: over `max_bytes` it is not read at all, and one that grows meanwhile is refused."""
     try:
-        if failure := _not_regular(os.stat(uri).st_mode):
+        path = path_of_uri(uri)  # the file's own bytes where its name is not UTF-8
+        if failure := _not_regular(os.stat(path).st_mode):
             return failure
         # non-blocking: a file swapped for a FIFO since the stat is opened without waiting, and refused below
-        fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             if failure := _not_regular(st.st_mode) or _over_size(st.st_size, max_bytes):
