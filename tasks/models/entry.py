@@ -285,10 +285,14 @@ def read_entry(directory: str | os.PathLike) -> ModelEntry:
 
 
 def verify_weights(directory: str | os.PathLike, entry: ModelEntry) -> Path:
-    """The weights file, after checking it is there and its sha256 is the entry's."""
+    """The weights file, after checking it is there, is no link out of `directory`, and its sha256 is the entry's."""
     weights = Path(directory) / entry.weights_file
     if not weights.is_file():
         raise FileNotFoundError(f"model {entry.name} version {entry.version}: {entry.weights_file} is missing in {directory}")
+    folder, real = Path(directory).resolve(), weights.resolve()
+    if real.parent != folder:  # a link to a file elsewhere: what is loaded must be what the registry holds
+        raise ValueError(f"model {entry.name} version {entry.version}: {entry.weights_file} in {str(directory)!r} "
+                         f"resolves to {str(real)!r}, outside its model directory; links out of it are refused")
     actual = sha256_file(weights)
     if actual != entry.weights_sha256:
         raise ValueError(
