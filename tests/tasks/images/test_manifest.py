@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.images.manifest import list_images, make_shards, write_manifest
+from tasks.images.manifest import describe_skipped, list_images, make_shards, skipped_counts, write_manifest
 
 
 def _touch(path, data=b"x"):
@@ -31,6 +31,26 @@ def test_links_to_files_are_listed_but_links_to_folders_and_dangling_links_are_n
     (tmp_path / "src" / "folder.jpg").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     table = list_images(tmp_path / "src")
     assert [os.path.basename(u) for u in table.column("uri").to_pylist()] == ["a.jpg", "linked.jpg"]
+
+
+def test_every_skipped_entry_is_counted_by_kind_and_the_counts_travel_with_the_manifest(tmp_path):
+    src = tmp_path / "src"
+    _touch(src / "cat" / "a.jpg")
+    for rel in ["notes.txt", "cat/more.TXT", "cat/meta.json", "photo.jpeg.gz", "README", "cat/.hidden.jpg"]:
+        _touch(src / rel)
+    (src / "gone.jpg").symlink_to(src / "missing.jpg")  # dangling
+    (src / "loop.jpg").symlink_to(src / "loop.jpg")  # a link to itself: stat fails with ELOOP
+    (src / "dogs").symlink_to(tmp_path, target_is_directory=True)  # not followed
+    table = list_images(src)
+    assert [os.path.relpath(u, src) for u in table.column("uri").to_pylist()] == ["cat/a.jpg"]
+    counts = {".txt": 2, ".gz": 1, ".json": 1, "dangling symlink": 1, "hidden": 1, "link to a folder": 1,
+              "no suffix": 1, "symlink loop": 1}
+    assert skipped_counts(table) == counts and list(skipped_counts(table)) == sorted(counts, key=lambda k: (-counts[k], k))
+    assert describe_skipped(skipped_counts(table)) == ("skipped 9 files: .txt 2, .gz 1, .json 1, dangling symlink 1, "
+                                                       "hidden 1, link to a folder 1, no suffix 1, symlink loop 1")
+    write_manifest(table, tmp_path / "manifest.parquet")
+    assert skipped_counts(pq.read_table(tmp_path / "manifest.parquet")) == counts
+    assert skipped_counts(list_images(tmp_path / "manifest.parquet")) == {}  # a manifest's own rows skip nothing
 
 
 def test_a_subfolder_that_cannot_be_read_is_logged_and_the_rest_listed(tmp_path, caplog, monkeypatch):
