@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from tasks.images.names import path_of_uri, uri_of_path
+from tasks.images.names import missing_uri, path_of_uri, uri_of_path, uri_refusal
 from tasks.storage import filesystem, full_url, is_url, object_paths, read_parquet, redact, sha256_of, write_parquet
 
 log = logging.getLogger(__name__)
@@ -223,8 +223,9 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
     given = set(table.column_names)
     if "uri" not in given:
         raise ValueError(f"manifest {str(path)!r} has no 'uri' column; it has: {', '.join(table.column_names)}")
-    uris = [str(u) for u in table.column("uri").to_pylist()]
-    schemes = {u.split("://", 1)[0].lower() if is_url(u) else "a local path" for u in uris}
+    uris = [_manifest_uri(u, row) for row, u in enumerate(table.column("uri").to_pylist())]
+    read = [u for u in uris if uri_refusal(u) is None]  # null, empty, http:// ...: error rows, never read
+    schemes = {u.split("://", 1)[0].lower() if is_url(u) else "a local path" for u in read}
     if len(schemes) > 1:
         raise ValueError(
             f"manifest {str(path)!r} mixes uri schemes ({', '.join(sorted(schemes))}); its uris must all be "
@@ -236,13 +237,23 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
 
     sizes, mtimes, etags = column("bytes"), column("mtime_ns"), column("etag")
     if not {"bytes", "mtime_ns"} <= given:
-        sizes, mtimes, found_etags = _stat_all(uris)
+        found = dict(zip(read, zip(*_stat_all(read)))) if read else {}
+        sizes, mtimes, found_etags = ([found.get(u, (0, 0, None))[k] for u in uris] for k in range(3))
         if "etag" not in given:
             etags = found_etags
     labels = [None if v is None else str(v) for v in column("label")]
     etags = [None if v is None else str(v) for v in etags]
     columns = {"uri": uris, "bytes": sizes, "mtime_ns": mtimes, "label": labels, "etag": etags}
     return sort_manifest(pa.table(columns, schema=MANIFEST_SCHEMA))
+
+
+def _manifest_uri(uri: Any, row: int) -> str:
+    """A manifest's uri as a string; a null or empty one gets a stand-in naming its row (an `invalid_uri` error
+    row), never the string 'None'."""
+    if uri is None:
+        return missing_uri(row, "null")
+    uri = str(uri)
+    return uri if uri.strip() else missing_uri(row, "empty")
 
 
 def _stat_all(uris: list[str]) -> tuple[list[int], list[int], list[str | None]]:

@@ -14,7 +14,7 @@ from enum import Enum
 import numpy as np
 from PIL import Image
 
-from tasks.images.names import path_of_uri
+from tasks.images.names import path_of_uri, uri_refusal
 from tasks.images.formats import is_truncated, pillow_reason, plain_jpeg_size, signature
 from tasks.storage import is_url, object_paths, redact
 
@@ -38,6 +38,7 @@ class ErrorKind(str, Enum):
     UNSUPPORTED = "unsupported"
     UNREADABLE = "unreadable"
     VANISHED = "vanished"
+    INVALID_URI = "invalid_uri"
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ def read_image(uri: str, arena: ReadArena | None = None, max_bytes: int = MAX_FI
     """The file's bytes (in `arena` when one is given and has room), or the reason they cannot be had. Only a
     regular file is opened (a FIFO would wait for a writer forever, a device never end), and at most the size it
     had when opened is read: over `max_bytes` it is not read at all, and one that grows meanwhile is refused."""
+    if failure := refused_uri(uri):
+        return failure
     try:
         path = path_of_uri(uri)  # the file's own bytes where its name is not UTF-8
         if failure := _not_regular(os.stat(path).st_mode):
@@ -114,6 +117,13 @@ def read_image(uri: str, arena: ReadArena | None = None, max_bytes: int = MAX_FI
         return Failure(ErrorKind.UNREADABLE, f"permission denied: {e.strerror}")
     except OSError as e:
         return Failure(ErrorKind.UNREADABLE, f"read failed: {e}")
+
+
+def refused_uri(uri: str) -> Failure | None:
+    """The Failure of a manifest row that is never read: no uri, or a scheme other than a local path or s3://."""
+    if refusal := uri_refusal(uri):
+        return Failure(ErrorKind(refusal[0]), refusal[1])
+    return None
 
 
 def _not_regular(mode: int) -> Failure | None:
@@ -198,10 +208,15 @@ def read_objects(uris: list[str]) -> list[bytes | Failure]:
     """The bytes of many objects (s3://...) in one concurrent request batch on the filesystem's event loop,
     or the reason each cannot be had; order follows `uris`. botocore retries throttling and transient
     network errors with back-off, so a failure here is final."""
-    fs, paths = object_paths(uris)
+    refused = [refused_uri(u) for u in uris]
+    wanted = [u for u, r in zip(uris, refused) if r is None]
+    if not wanted:
+        return refused
+    fs, paths = object_paths(wanted)
     # cat_ranges rather than cat: cat expands "[", "*" and "?" in keys as globs and drops what they miss
-    results = fs.cat_ranges(paths, None, None, on_error="return")
-    return [r if isinstance(r, bytes) else _read_failure(uri, r) for uri, r in zip(uris, results)]
+    results = iter(fs.cat_ranges(paths, None, None, on_error="return"))
+    fetched = iter([r if isinstance(r, bytes) else _read_failure(uri, r) for uri, r in zip(wanted, results)])
+    return [r if r is not None else next(fetched) for r in refused]
 
 
 def _read_failure(uri: str, error: BaseException) -> Failure:
@@ -239,7 +254,8 @@ def load_blobs(
     def _checked(data: bytes | memoryview | Failure) -> Blob | Failure:
         return data if isinstance(data, Failure) else checked_blob(data, max_pixels)
 
-    if uris and is_url(uris[0]):
+    first = next((u for u in uris if refused_uri(u) is None), None)  # a refused row (http://, no uri) decides nothing
+    if first is not None and is_url(first):
         return [_checked(data) for data in read_objects(uris)]
     if arena is not None:
         arena.reset()

@@ -5,6 +5,9 @@ import json
 import os
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 from flows.classify_images import classify_images
 
@@ -48,3 +51,25 @@ def test_a_fifo_and_a_device_are_error_rows_and_skipped_entries_are_counted(phot
     skipped = {".txt": 2, ".gz": 1, ".json": 1, "dangling symlink": 1, "hidden": 1, "symlink loop": 1}
     marker = json.loads((out / "_a2k_run.json").read_text())
     assert summary["skipped"] == marker["skipped"] == skipped
+
+
+@pytest.mark.parametrize("with_sizes", [True, False])  # without sizes and times, the listing stats each uri
+def test_a_manifest_row_without_a_uri_or_with_an_http_uri_is_an_error_row_and_nothing_is_fetched(
+        photos_dir, seed_model_dir, tmp_path, http_server, with_sizes):
+    photos = [str(p) for p in sorted(photos_dir.rglob("*.JPEG"))[:3]]
+    uris = photos + [None, "", f"{http_server.url}/photo.jpg"]
+    columns = {"uri": pa.array(uris, pa.string())}
+    if with_sizes:
+        columns |= {"bytes": [1] * len(uris), "mtime_ns": [1] * len(uris)}
+    pq.write_table(pa.table(columns), tmp_path / "manifest.parquet")
+    out = tmp_path / "out"
+    summary = classify_images(input=str(tmp_path / "manifest.parquet"), output=str(out), model=str(seed_model_dir),
+                              device="cpu")
+    assert (summary["listed"], summary["predicted"], summary["errors"]) == (6, 3, 3)
+    errors = pd.read_parquet(out / "_errors", columns=["image_uri", "kind", "reason"]).set_index("image_uri")
+    assert "None" not in errors.index
+    assert errors.loc["~manifest row 3: null uri"].tolist() == ["invalid_uri", "the manifest's uri in row 3 (0-based) is null"]
+    assert errors.loc["~manifest row 4: empty uri"].tolist() == ["invalid_uri", "the manifest's uri in row 4 (0-based) is empty"]
+    assert errors.loc[f"{http_server.url}/photo.jpg"].tolist() == [
+        "unsupported", "uri scheme 'http' is not read; allowed: local paths and s3://"]
+    assert http_server.requests == []

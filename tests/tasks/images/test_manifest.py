@@ -1,11 +1,15 @@
 import os
 import shutil
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from tasks.images.manifest import describe_skipped, list_images, make_shards, skipped_counts, write_manifest
+from tasks.images.read import Blob, Failure, load_blobs
+from tests.conftest import photo_paths
 
 
 def _touch(path, data=b"x"):
@@ -131,3 +135,23 @@ def test_shard_ids_are_deterministic_and_change_with_content(tmp_path, photos_di
 def test_shard_size_below_one_is_refused(photos_dir):
     with pytest.raises(ValueError, match="shard_size 0"):
         make_shards(list_images(photos_dir), 0)
+
+
+@pytest.mark.parametrize("case", ["null and empty", "http"])
+def test_a_null_or_empty_uri_and_an_http_uri_are_error_rows_and_nothing_is_fetched(tmp_path, http_server, case):
+    photo = str(photo_paths(1)[0])
+    uris = [photo, None, ""] if case == "null and empty" else [f"{http_server.url}/a.jpg", f"{http_server.url}/b.jpg"]
+    pq.write_table(pa.table({"uri": pa.array(uris, pa.string())}), tmp_path / "m.parquet")
+    listed = list_images(tmp_path / "m.parquet").column("uri").to_pylist()
+    with ThreadPoolExecutor(2) as pool:
+        blobs = dict(zip(listed, load_blobs(listed, pool)))
+    assert "None" not in blobs
+    failures = {u: (b.kind.value, b.message) for u, b in blobs.items() if isinstance(b, Failure)}
+    if case == "null and empty":
+        assert isinstance(blobs[photo], Blob) and failures == {
+            "~manifest row 1: null uri": ("invalid_uri", "the manifest's uri in row 1 (0-based) is null"),
+            "~manifest row 2: empty uri": ("invalid_uri", "the manifest's uri in row 2 (0-based) is empty")}
+    else:
+        assert failures == {u: ("unsupported", "uri scheme 'http' is not read; allowed: local paths and s3://")
+                            for u in uris}
+    assert http_server.requests == []
