@@ -139,6 +139,10 @@ def _run(args: argparse.Namespace) -> Any:
         s, worker = _classify(args)
         print(f"{s['predicted']} predicted, {s['errors']} errors of {s['listed']} images, "
               f"{s['images_per_second']} images/s on {s['device']}")
+        if s.get("skipped"):  # folder entries that are no image: said, so nothing in the input goes unmentioned
+            from tasks.images.manifest import describe_skipped  # loaded by the run already
+
+            print(f"{describe_skipped(s['skipped'])} in the input")
         print(f"model {s['model']['name']} v{s['model']['version']}; predictions: {s['output']}  "
               f"(errors in {s['output']}/_errors)")
         print(_startup_line(s))

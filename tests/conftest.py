@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,34 @@ def registry_root(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "registry")
     return f"s3://{request.getfixturevalue('s3_bucket')}/registry"
+
+
+class _CountingHandler(http.server.BaseHTTPRequestHandler):
+    requests: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the name http.server calls
+        _CountingHandler.requests.append(self.path)
+        self.send_response(404)
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@dataclass
+class HttpServer:
+    url: str
+    requests: list[str]  # the paths asked for, GET or HEAD
+
+
+@pytest.fixture
+def http_server() -> HttpServer:
+    """A local HTTP server that answers 404 and records each request: a uri that must never be fetched."""
+    _CountingHandler.requests = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield HttpServer(f"http://127.0.0.1:{server.server_address[1]}", _CountingHandler.requests)
+    server.shutdown()
+    server.server_close()

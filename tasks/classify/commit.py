@@ -12,6 +12,7 @@ from tasks.classify.output import ERRORS_DIR, Output
 from tasks.classify.plan import RunContext, RunPlan, ShardOutcome
 from tasks.classify.sink import committed_parts, read_error_rows, read_part_rows, write_run_marker
 from tasks.classify.state import RunState, remove_state, state_rows, write_state
+from tasks.images.manifest import describe_skipped, skipped_counts
 from tasks.storage import read_parquet_at
 
 REMOVED_POLICY = "rows of images no longer listed are dropped: the dataset mirrors the latest listing"
@@ -91,6 +92,7 @@ def commit_run(
         "model": {"name": ctx.model_name, "version": ctx.model_version, "sha256": ctx.model_sha256},
         "top_k": ctx.top_k,
         "listed": listed,
+        "skipped": skipped_counts(manifest),  # folder entries that are no image of the run, by kind
         "predicted": predicted,
         "errors": errors,
         "full": plan.full,
@@ -130,7 +132,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"| output | `{summary['output']}` |",
         f"| model | {m['name']} v{m['version']} (`{m['sha256'][:12]}`) |",
         f"| device | {summary['device']} |",
-        f"| images listed | {summary['listed']} |",
+        f"| images listed | {summary['listed']} ({describe_skipped(summary.get('skipped') or {})}) |",
         f"| predicted | {summary['predicted']} |",
         f"| errors | {summary['errors']} (in `{ERRORS_DIR}/`) |",
         f"| new / changed / unchanged / retried / removed | {summary['new']} / {summary['changed']} / "

@@ -5,9 +5,12 @@ A source is a local folder, an object-store prefix (`s3://bucket/prefix`) or a P
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from tasks.images.names import missing_uri, path_of_uri, uri_of_path, uri_refusal
 from tasks.storage import filesystem, full_url, is_url, object_paths, read_parquet, redact, sha256_of, write_parquet
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+SKIPPED_KEY = b"a2k.skipped"  # the manifest's schema metadata: what the folder listing skipped, by kind
 
 
 def _is_image(name: str) -> bool:
@@ -42,7 +47,7 @@ def _is_image(name: str) -> bool:
 
 def list_images(source: str | os.PathLike) -> pa.Table:
     """A manifest of every image under a folder or an object-store prefix (recursively), or the rows of a
-    Parquet manifest.
+    Parquet manifest. What a folder or prefix holds besides images is counted by kind (`skipped_counts`).
 
     A tree laid out as `<root>/<class>/<file>` gives each file its class as `label`; files at
     other depths get a null label. Rows are sorted by uri, so the same tree gives the same manifest.
@@ -59,29 +64,52 @@ def list_images(source: str | os.PathLike) -> pa.Table:
             raise ValueError(f"input {str(source)!r} is a file but not a .parquet manifest; give a folder or a manifest")
         return read_manifest(path)
     rows: dict[str, list] = {"uri": [], "bytes": [], "mtime_ns": [], "label": []}
-    for folder_rows in _walk_folders(str(path.resolve())):
+    skipped: Counter[str] = Counter()
+    for folder_rows in _walk_folders(str(path.resolve()), skipped):
         for key, values in zip(("uri", "bytes", "mtime_ns", "label"), folder_rows):
             rows[key] += values
     rows["etag"] = [None] * len(rows["uri"])
-    return sort_manifest(pa.table(rows, schema=MANIFEST_SCHEMA))
+    return with_skipped(sort_manifest(pa.table(rows, schema=MANIFEST_SCHEMA)), skipped)
 
 
-def _walk_folders(root: str) -> Iterator[tuple[list, list, list, list]]:
+def with_skipped(table: pa.Table, skipped: Counter[str] | dict[str, int]) -> pa.Table:
+    """The manifest carrying, in its schema's metadata, how many entries of each kind the listing skipped."""
+    metadata = {**(table.schema.metadata or {}), SKIPPED_KEY: json.dumps(dict(sorted(skipped.items()))).encode()}
+    return table.replace_schema_metadata(metadata)
+
+
+def skipped_counts(table: pa.Table) -> dict[str, int]:
+    """What `with_skipped` recorded, most first (empty for a Parquet manifest: its rows are the images)."""
+    counts = json.loads((table.schema.metadata or {}).get(SKIPPED_KEY, b"{}"))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def describe_skipped(counts: dict[str, int]) -> str:
+    """'skipped 12 files: .txt 10, .json 2' (or 'skipped no files'), for the log and the summary."""
+    total = sum(counts.values())
+    if not total:
+        return "skipped no files"
+    return f"skipped {total} file{'s' if total != 1 else ''}: " + ", ".join(f"{k} {n}" for k, n in counts.items())
+
+
+def _walk_folders(root: str, skipped: Counter[str]) -> Iterator[tuple[list, list, list, list]]:
     """The images of each folder under `root` (uris, sizes, mtimes, labels). Hidden files are skipped; links
     to folders are not followed (as `os.walk` does); a file that vanishes while listed was never part of the
-    run; a subfolder that cannot be read is logged and skipped."""
+    run; a subfolder that cannot be read is logged and skipped. Each skipped entry is counted in `skipped` by
+    why: its suffix ('.txt', 'no suffix'), 'hidden', 'dangling symlink', 'symlink loop', 'link to a folder',
+    'vanished while listed', 'unreadable folder', 'stat failed'."""
     stack = [(root, 0)]
     while stack:
         folder, depth = stack.pop()
-        files, subfolders = _list_folder(folder, depth)
+        files, subfolders = _list_folder(folder, depth, skipped)
         stack += [(sub, depth + 1) for sub in subfolders]  # any order: the manifest is sorted at the end
         if files[0]:
             yield files
 
 
-def _list_folder(folder: str, depth: int) -> tuple[tuple[list, list, list, list], list[str]]:
+def _list_folder(folder: str, depth: int, skipped: Counter[str]) -> tuple[tuple[list, list, list, list], list[str]]:
     """One folder's images (uris, sizes, mtimes, labels; os.scandir and plain strings, faster than pathlib:
-    bench/NOTES.md, variant 12) and its subfolders."""
+    bench/NOTES.md, variant 12) and its subfolders; what it skips is counted in `skipped`."""
     uris: list[str] = []
     sizes: list[int] = []
     mtimes: list[int] = []
@@ -92,24 +120,57 @@ def _list_folder(folder: str, depth: int) -> tuple[tuple[list, list, list, list]
         if depth == 0:
             raise
         log.warning("skipped folder %s: %s", folder, e.strerror or e)
+        skipped["unreadable folder"] += 1
         entries = []
     for entry in entries:
-        name = entry.name
+        if entry.is_symlink() and (why := _broken_link(entry.path)):  # before is_dir, which raises on a loop
+            skipped[why] += 1
+            continue
         if entry.is_dir():
             if not entry.is_symlink():
                 subfolders.append(entry.path)
+            else:
+                skipped["link to a folder"] += 1
             continue
-        if name.startswith(".") or not _is_image(name):
+        if why := _skipped_name(entry.name):
+            skipped[why] += 1
             continue
         try:
             st = entry.stat()
-        except FileNotFoundError:  # vanished while listing (or a dangling link): never part of this run
+        except FileNotFoundError:  # vanished while listing: never part of this run
+            skipped["vanished while listed"] += 1
             continue
-        uris.append(entry.path)
+        except OSError as e:
+            log.warning("skipped %s: %s", uri_of_path(entry.path), e.strerror or e)
+            skipped["stat failed"] += 1
+            continue
+        uris.append(uri_of_path(entry.path))  # a name that is not UTF-8 is escaped, not a failed run
         sizes.append(st.st_size)
         mtimes.append(st.st_mtime_ns)
-    label = os.path.basename(folder) if depth == 1 else None
+    label = uri_of_path(os.path.basename(folder)) if depth == 1 else None
     return (uris, sizes, mtimes, [label] * len(uris)), subfolders
+
+
+def _broken_link(path: str) -> str | None:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "dangling symlink"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        log.warning("skipped %s: %s", uri_of_path(path), e.strerror or e)
+        return "stat failed"
+    return None
+
+
+def _skipped_name(name: str) -> str | None:
+    """Why a file (or object) of this name is no image of the run, or None when it is listed."""
+    if name.startswith("."):
+        return "hidden"
+    if not _is_image(name):
+        return os.path.splitext(name)[1].lower() or "no suffix"
+    return None
 
 
 def _list_objects(source: str) -> pa.Table:
@@ -125,17 +186,21 @@ def _list_objects(source: str) -> pa.Table:
     if not found:
         raise FileNotFoundError(f"input {source!r} does not exist (no object under it); {expected}")
     rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+    skipped: Counter[str] = Counter()
     for path, info in found.items():
         relative = path[len(root) + 1 :]
         name = relative.rsplit("/", 1)[-1]
-        if info.get("type") != "file" or name.startswith(".") or not _is_image(name):
+        if info.get("type") != "file" or not name:  # a folder, or a folder marker (a key ending in /)
+            continue
+        if why := _skipped_name(name):
+            skipped[why] += 1
             continue
         rows["uri"].append(full_url(fs, path))
         rows["bytes"].append(info["size"])
         rows["mtime_ns"].append(_modified_ns(info))
         rows["label"].append(relative.split("/", 1)[0] if relative.count("/") == 1 else None)
         rows["etag"].append(_etag(info))
-    return sort_manifest(pa.table(rows, schema=MANIFEST_SCHEMA))
+    return with_skipped(sort_manifest(pa.table(rows, schema=MANIFEST_SCHEMA)), skipped)
 
 
 def _modified_ns(info: dict[str, Any]) -> int:
@@ -158,8 +223,9 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
     given = set(table.column_names)
     if "uri" not in given:
         raise ValueError(f"manifest {str(path)!r} has no 'uri' column; it has: {', '.join(table.column_names)}")
-    uris = [str(u) for u in table.column("uri").to_pylist()]
-    schemes = {u.split("://", 1)[0].lower() if is_url(u) else "a local path" for u in uris}
+    uris = [_manifest_uri(u, row) for row, u in enumerate(table.column("uri").to_pylist())]
+    read = [u for u in uris if uri_refusal(u) is None]  # null, empty, http:// ...: error rows, never read
+    schemes = {u.split("://", 1)[0].lower() if is_url(u) else "a local path" for u in read}
     if len(schemes) > 1:
         raise ValueError(
             f"manifest {str(path)!r} mixes uri schemes ({', '.join(sorted(schemes))}); its uris must all be "
@@ -171,13 +237,23 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
 
     sizes, mtimes, etags = column("bytes"), column("mtime_ns"), column("etag")
     if not {"bytes", "mtime_ns"} <= given:
-        sizes, mtimes, found_etags = _stat_all(uris)
+        found = dict(zip(read, zip(*_stat_all(read)))) if read else {}
+        sizes, mtimes, found_etags = ([found.get(u, (0, 0, None))[k] for u in uris] for k in range(3))
         if "etag" not in given:
             etags = found_etags
     labels = [None if v is None else str(v) for v in column("label")]
     etags = [None if v is None else str(v) for v in etags]
     columns = {"uri": uris, "bytes": sizes, "mtime_ns": mtimes, "label": labels, "etag": etags}
     return sort_manifest(pa.table(columns, schema=MANIFEST_SCHEMA))
+
+
+def _manifest_uri(uri: Any, row: int) -> str:
+    """A manifest's uri as a string; a null or empty one gets a stand-in naming its row (an `invalid_uri` error
+    row), never the string 'None'."""
+    if uri is None:
+        return missing_uri(row, "null")
+    uri = str(uri)
+    return uri if uri.strip() else missing_uri(row, "empty")
 
 
 def _stat_all(uris: list[str]) -> tuple[list[int], list[int], list[str | None]]:
@@ -201,7 +277,7 @@ def _stat_all(uris: list[str]) -> tuple[list[int], list[int], list[str | None]]:
 
 def _stat_or_none(uri: str) -> os.stat_result | None:
     try:
-        return os.stat(uri)
+        return os.stat(path_of_uri(uri))
     except OSError:  # the decode step records it as vanished or unreadable
         return None
 
@@ -221,6 +297,7 @@ def write_manifest(table: pa.Table, path: str | os.PathLike) -> str:
         table = table.append_column("etag", pa.nulls(table.num_rows, pa.string()))
     extra = [c for c in table.column_names if c not in MANIFEST_SCHEMA.names]
     standard = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    standard = standard.replace_schema_metadata(table.schema.metadata)  # the skip counts travel with the manifest
     for name in extra:
         standard = standard.append_column(table.schema.field(name), table.column(name))
     return write_parquet(standard, path)
@@ -230,7 +307,7 @@ def with_content_hashes(table: pa.Table) -> pa.Table:
     """The manifest plus a `sha256` column of each file's bytes, so a split can be checked later."""
 
     def digest(uri: str) -> str:
-        with open(uri, "rb") as f:
+        with open(path_of_uri(uri), "rb") as f:
             return sha256_of(f)
 
     return table.append_column("sha256", pa.array([digest(u) for u in table.column("uri").to_pylist()], pa.string()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.images.manifest import list_images, write_manifest
+from tasks.images.manifest import describe_skipped, list_images, skipped_counts, write_manifest
 
 
 @task(name="list-images", cache_policy=NO_CACHE)
@@ -14,5 +14,6 @@ def list_images_task(source: str, manifest_path: str) -> int:
     table = list_images(source)
     write_manifest(table, manifest_path)
     labelled = table.num_rows - table.column("label").null_count
-    get_run_logger().info("listed %d images (%d with a label from the folder layout) under %s", table.num_rows, labelled, source)
+    get_run_logger().info("listed %d images (%d with a label from the folder layout) under %s; %s", table.num_rows,
+                          labelled, source, describe_skipped(skipped_counts(table)))
     return table.num_rows

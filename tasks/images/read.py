@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from enum import Enum
 import numpy as np
 from PIL import Image
 
+from tasks.images.names import path_of_uri, uri_refusal
 from tasks.images.formats import is_truncated, pillow_reason, plain_jpeg_size, signature
 from tasks.storage import is_url, object_paths, redact
 
@@ -36,6 +38,7 @@ class ErrorKind(str, Enum):
     UNSUPPORTED = "unsupported"
     UNREADABLE = "unreadable"
     VANISHED = "vanished"
+    INVALID_URI = "invalid_uri"
 
 
 @dataclass(frozen=True)
@@ -84,26 +87,75 @@ class ReadArena:
         return self._view[start : start + size]
 
 
-def read_image(uri: str, arena: ReadArena | None = None) -> bytes | memoryview | Failure:
-    """The file's bytes (in `arena` when one is given and has room), or the reason they cannot be had."""
+MAX_FILE_BYTES = 256 << 20  # a local file larger than this is `too_large` and never read
+_FILE_TYPES = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"),
+               (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+
+
+def read_image(uri: str, arena: ReadArena | None = None, max_bytes: int = MAX_FILE_BYTES) -> bytes | memoryview | Failure:
+    """The file's bytes (in `arena` when one is given and has room), or the reason they cannot be had. Only a
+    regular file is opened (a FIFO would wait for a writer forever, a device never end), and at most the size it
+    had when opened is read: over `max_bytes` it is not read at all, and one that grows meanwhile is refused."""
+    if failure := refused_uri(uri):
+        return failure
     try:
-        with open(uri, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            view = arena.take(size) if arena is not None and size else None
-            if view is None:
-                return f.read()
-            got = 0
-            while got < size and (n := f.readinto(view[got:])):  # a file cut shorter since fstat ends early
-                got += n
-            return view[:got]
+        path = path_of_uri(uri)  # the file's own bytes where its name is not UTF-8
+        if failure := _not_regular(os.stat(path).st_mode):
+            return failure
+        # non-blocking: a file swapped for a FIFO since the stat is opened without waiting, and refused below
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if failure := _not_regular(st.st_mode) or _over_size(st.st_size, max_bytes):
+                return failure
+            return _read_at_most(fd, st.st_size, arena)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         return Failure(ErrorKind.VANISHED, f"file vanished after it was listed: {uri}")
     except PermissionError as e:
         return Failure(ErrorKind.UNREADABLE, f"permission denied: {e.strerror}")
-    except IsADirectoryError:
-        return Failure(ErrorKind.UNREADABLE, "is a directory, not a file")
     except OSError as e:
         return Failure(ErrorKind.UNREADABLE, f"read failed: {e}")
+
+
+def refused_uri(uri: str) -> Failure | None:
+    """The Failure of a manifest row that is never read: no uri, or a scheme other than a local path or s3://."""
+    if refusal := uri_refusal(uri):
+        return Failure(ErrorKind(refusal[0]), refusal[1])
+    return None
+
+
+def _not_regular(mode: int) -> Failure | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_TYPES if test(mode)), f"file type {stat.S_IFMT(mode):o}")
+    return Failure(ErrorKind.UNREADABLE, f"not a regular file: {kind}")
+
+
+def _over_size(size: int, max_bytes: int) -> Failure | None:
+    if size > max_bytes:
+        return Failure(ErrorKind.TOO_LARGE, f"file of {size} bytes is over the limit of {max_bytes} bytes; not read")
+    return None
+
+
+def _read_at_most(fd: int, size: int, arena: ReadArena | None) -> bytes | memoryview | Failure:
+    """`size` bytes of `fd` (fewer when it was cut short meanwhile), or a Failure when there is more."""
+    view = arena.take(size) if arena is not None and size else None
+    got = 0
+    if view is None:
+        parts = []
+        while got < size and (part := os.read(fd, size - got)):
+            parts.append(part)
+            got += len(part)
+        data: bytes | memoryview = parts[0] if len(parts) == 1 else b"".join(parts)
+    else:
+        while got < size and (n := os.readv(fd, [view[got:]])):
+            got += n
+        data = view[:got]
+    if got == size and os.read(fd, 1):
+        return Failure(ErrorKind.UNREADABLE, f"file grew while it was read (it had {size} bytes when opened)")
+    return data
 
 
 def check_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Failure | None:
@@ -156,10 +208,15 @@ def read_objects(uris: list[str]) -> list[bytes | Failure]:
     """The bytes of many objects (s3://...) in one concurrent request batch on the filesystem's event loop,
     or the reason each cannot be had; order follows `uris`. botocore retries throttling and transient
     network errors with back-off, so a failure here is final."""
-    fs, paths = object_paths(uris)
+    refused = [refused_uri(u) for u in uris]
+    wanted = [u for u, r in zip(uris, refused) if r is None]
+    if not wanted:
+        return refused
+    fs, paths = object_paths(wanted)
     # cat_ranges rather than cat: cat expands "[", "*" and "?" in keys as globs and drops what they miss
-    results = fs.cat_ranges(paths, None, None, on_error="return")
-    return [r if isinstance(r, bytes) else _read_failure(uri, r) for uri, r in zip(uris, results)]
+    results = iter(fs.cat_ranges(paths, None, None, on_error="return"))
+    fetched = iter([r if isinstance(r, bytes) else _read_failure(uri, r) for uri, r in zip(wanted, results)])
+    return [r if r is not None else next(fetched) for r in refused]
 
 
 def _read_failure(uri: str, error: BaseException) -> Failure:
@@ -197,7 +254,8 @@ def load_blobs(
     def _checked(data: bytes | memoryview | Failure) -> Blob | Failure:
         return data if isinstance(data, Failure) else checked_blob(data, max_pixels)
 
-    if uris and is_url(uris[0]):
+    first = next((u for u in uris if refused_uri(u) is None), None)  # a refused row (http://, no uri) decides nothing
+    if first is not None and is_url(first):
         return [_checked(data) for data in read_objects(uris)]
     if arena is not None:
         arena.reset()

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tasks.images.preprocess import Preprocessing
+from tasks.models.exported import load_exported_program  # checks the archive: nothing in it is unpickled or run
 from tasks.storage import sha256_of
 
 if TYPE_CHECKING:
@@ -302,10 +303,14 @@ def read_entry(directory: str | os.PathLike) -> ModelEntry:
 
 
 def verify_weights(directory: str | os.PathLike, entry: ModelEntry) -> Path:
-    """The weights file, after checking it is there and its sha256 is the entry's."""
+    """The weights file, after checking it is there, is no link out of `directory`, and its sha256 is the entry's."""
     weights = Path(directory) / entry.weights_file
     if not weights.is_file():
         raise FileNotFoundError(f"model {entry.name} version {entry.version}: {entry.weights_file} is missing in {directory}")
+    folder, real = Path(directory).resolve(), weights.resolve()
+    if real.parent != folder:  # a link to a file elsewhere: what is loaded must be what the registry holds
+        raise ValueError(f"model {entry.name} version {entry.version}: {entry.weights_file} in {str(directory)!r} "
+                         f"resolves to {str(real)!r}, outside its model directory; links out of it are refused")
     actual = sha256_file(weights)
     if actual != entry.weights_sha256:
         raise ValueError(
@@ -348,8 +353,7 @@ def _load_torchscript(entry: ModelEntry, weights: Path) -> nn.Module:
 
 
 def _load_exported_program(entry: ModelEntry, weights: Path) -> nn.Module:
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers the int8 (quantized_decomposed) ops
-    return torch.export.load(str(weights)).module()  # captured in eval mode; its module refuses .eval()
+    return load_exported_program(weights).module()  # captured in eval mode; its module refuses .eval()
 
 
 _LOADERS: dict[WeightsFormat, Callable[[ModelEntry, Path], nn.Module]] = {

@@ -21,6 +21,7 @@ from tasks.models.entry import (
     WEIGHTS_FILE, ModelEntry, WeightsFormat, build_model, check_class_names, check_model_name, list_architectures,
     sha256_file, write_entry,
 )
+from tasks.models.exported import load_exported_program
 from tasks.images.preprocess import Preprocessing
 
 STAGED_VERSION = "0"  # the registry assigns the real version when it registers the staging directory
@@ -208,7 +209,7 @@ def _check_torchscript(path: Path, target: _Target) -> Callable[[Path], None]:
 
 
 def _check_exported_program(path: Path, target: _Target) -> Callable[[Path], None]:
-    _check_outputs(torch.export.load(str(path)).module(), path, target)  # an exported module refuses .eval()
+    _check_outputs(load_exported_program(path).module(), path, target)  # an exported module refuses .eval()
     return lambda dest: shutil.copyfile(path, dest)
 
 

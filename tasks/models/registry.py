@@ -353,7 +353,8 @@ def fetch_model(info: ModelVersion, registry: str | None = None) -> Path:
     reg = Registry(registry)
     source = reg._path(info.entry.name, info.entry.version)
     if is_local(reg.fs):
-        return Path(source)  # load_model checks the digest when it reads the weights
+        _check_inside_registry(reg, source, info)
+        return Path(source)  # load_model checks the digest (and that the weights are no link out) when it reads them
     cache = a2k_home() / "cache" / "models" / info.entry.name / f"{info.entry.version}-{info.entry.weights_sha256[:16]}"
     if (cache / ENTRY_FILE).exists():
         verify_weights(cache, read_entry(cache))
@@ -371,6 +372,16 @@ def fetch_model(info: ModelVersion, registry: str | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return cache
+
+
+def _check_inside_registry(reg: Registry, source: str, info: ModelVersion) -> None:
+    """Refuse a version folder or model.json that resolves (through a link) outside the local registry's root."""
+    root = os.path.realpath(reg.root)
+    for path in (source, f"{source}/{ENTRY_FILE}"):
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root:
+            raise ValueError(f"{info.ref}: {path!r} resolves to {real!r}, outside the registry {root!r}; "
+                             "a registry's versions must lie in it (links out are refused)")
 
 
 def resolve_model(model: str, registry: str | None = None) -> tuple[ModelVersion | None, Path]:

@@ -1,11 +1,15 @@
 import os
 import shutil
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.images.manifest import list_images, make_shards, write_manifest
+from tasks.images.manifest import describe_skipped, list_images, make_shards, skipped_counts, write_manifest
+from tasks.images.read import Blob, Failure, load_blobs
+from tests.conftest import photo_paths
 
 
 def _touch(path, data=b"x"):
@@ -31,6 +35,26 @@ def test_links_to_files_are_listed_but_links_to_folders_and_dangling_links_are_n
     (tmp_path / "src" / "folder.jpg").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     table = list_images(tmp_path / "src")
     assert [os.path.basename(u) for u in table.column("uri").to_pylist()] == ["a.jpg", "linked.jpg"]
+
+
+def test_every_skipped_entry_is_counted_by_kind_and_the_counts_travel_with_the_manifest(tmp_path):
+    src = tmp_path / "src"
+    _touch(src / "cat" / "a.jpg")
+    for rel in ["notes.txt", "cat/more.TXT", "cat/meta.json", "photo.jpeg.gz", "README", "cat/.hidden.jpg"]:
+        _touch(src / rel)
+    (src / "gone.jpg").symlink_to(src / "missing.jpg")  # dangling
+    (src / "loop.jpg").symlink_to(src / "loop.jpg")  # a link to itself: stat fails with ELOOP
+    (src / "dogs").symlink_to(tmp_path, target_is_directory=True)  # not followed
+    table = list_images(src)
+    assert [os.path.relpath(u, src) for u in table.column("uri").to_pylist()] == ["cat/a.jpg"]
+    counts = {".txt": 2, ".gz": 1, ".json": 1, "dangling symlink": 1, "hidden": 1, "link to a folder": 1,
+              "no suffix": 1, "symlink loop": 1}
+    assert skipped_counts(table) == counts and list(skipped_counts(table)) == sorted(counts, key=lambda k: (-counts[k], k))
+    assert describe_skipped(skipped_counts(table)) == ("skipped 9 files: .txt 2, .gz 1, .json 1, dangling symlink 1, "
+                                                       "hidden 1, link to a folder 1, no suffix 1, symlink loop 1")
+    write_manifest(table, tmp_path / "manifest.parquet")
+    assert skipped_counts(pq.read_table(tmp_path / "manifest.parquet")) == counts
+    assert skipped_counts(list_images(tmp_path / "manifest.parquet")) == {}  # a manifest's own rows skip nothing
 
 
 def test_a_subfolder_that_cannot_be_read_is_logged_and_the_rest_listed(tmp_path, caplog, monkeypatch):
@@ -111,3 +135,23 @@ def test_shard_ids_are_deterministic_and_change_with_content(tmp_path, photos_di
 def test_shard_size_below_one_is_refused(photos_dir):
     with pytest.raises(ValueError, match="shard_size 0"):
         make_shards(list_images(photos_dir), 0)
+
+
+@pytest.mark.parametrize("case", ["null and empty", "http"])
+def test_a_null_or_empty_uri_and_an_http_uri_are_error_rows_and_nothing_is_fetched(tmp_path, http_server, case):
+    photo = str(photo_paths(1)[0])
+    uris = [photo, None, ""] if case == "null and empty" else [f"{http_server.url}/a.jpg", f"{http_server.url}/b.jpg"]
+    pq.write_table(pa.table({"uri": pa.array(uris, pa.string())}), tmp_path / "m.parquet")
+    listed = list_images(tmp_path / "m.parquet").column("uri").to_pylist()
+    with ThreadPoolExecutor(2) as pool:
+        blobs = dict(zip(listed, load_blobs(listed, pool)))
+    assert "None" not in blobs
+    failures = {u: (b.kind.value, b.message) for u, b in blobs.items() if isinstance(b, Failure)}
+    if case == "null and empty":
+        assert isinstance(blobs[photo], Blob) and failures == {
+            "~manifest row 1: null uri": ("invalid_uri", "the manifest's uri in row 1 (0-based) is null"),
+            "~manifest row 2: empty uri": ("invalid_uri", "the manifest's uri in row 2 (0-based) is empty")}
+    else:
+        assert failures == {u: ("unsupported", "uri scheme 'http' is not read; allowed: local paths and s3://")
+                            for u in uris}
+    assert http_server.requests == []

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from tasks.images.manifest import list_images, make_shards, write_manifest
+from tasks.images.manifest import list_images, make_shards, skipped_counts, write_manifest
 from tasks.storage import write_parquet
 
 
@@ -32,6 +32,7 @@ def test_lists_a_prefix_recursively_with_labels_sizes_and_etags(s3_bucket, store
     assert table.column("bytes").to_pylist() == [len(objects[r]) for r in rel]
     assert table.column("etag").to_pylist() == [_md5(objects[r]) for r in rel]
     assert all(abs(t - before) < 120e9 for t in table.column("mtime_ns").to_pylist())  # LastModified, in ns
+    assert skipped_counts(table) == {".txt": 1, "hidden": 1}
 
 
 def test_listing_is_one_recursive_listing_not_a_request_per_key(s3_bucket, store, monkeypatch):

@@ -105,6 +105,34 @@ def test_tampered_weights_in_the_registry_are_refused(seed_model_dir, registry_r
         load_model(fetch_model(info, registry_root))
 
 
+def test_weights_linked_from_outside_the_registry_are_refused(seed_model_dir, tmp_path):
+    registry = str(tmp_path / "registry")
+    info = register_model(seed_model_dir, "seed", registry)
+    outside = tmp_path / "elsewhere.safetensors"  # the same bytes: the digest alone would pass it
+    outside.write_bytes((seed_model_dir / "weights.safetensors").read_bytes())
+    weights = tmp_path / "registry" / "seed" / "1" / "weights.safetensors"
+    weights.unlink()
+    weights.symlink_to(outside)
+    with pytest.raises(ValueError, match=r"model seed version 1: weights.safetensors in '.*registry/seed/1' resolves "
+                                         r"to '.*elsewhere.safetensors', outside its model directory"):
+        load_model(fetch_model(info, registry))
+
+
+def test_a_version_folder_linked_from_outside_the_registry_is_refused(seed_model_dir, tmp_path):
+    import shutil
+
+    registry = tmp_path / "registry"
+    register_model(seed_model_dir, "seed", str(registry))
+    shutil.move(registry / "seed" / "1", tmp_path / "planted")
+    (registry / "seed" / "1").symlink_to(tmp_path / "planted", target_is_directory=True)
+    info = get_model("models:/seed/1", str(registry))
+    with pytest.raises(ValueError, match=r"models:/seed/1: '.*registry/seed/1' resolves to '.*planted', outside the "
+                                         r"registry"):
+        fetch_model(info, str(registry))
+    with pytest.raises(ValueError, match="outside the registry"):
+        resolve_model("models:/seed/1", str(registry))
+
+
 def test_lineage_walks_back_to_the_root(seed_model_dir, registry_root, tmp_path):
     import shutil
 
