@@ -16,7 +16,7 @@ from tasks.compress.apply import Candidate, CompressContext, module_dtype, recip
 from tasks.compress.export import ParityError
 from tasks.compress.measure import count_flops, count_parameters, estimate_memory
 from tasks.compress.recipes import CompileConfig
-from tasks.models.compiled import CompiledModel, here
+from tasks.models.compiled import CompiledModel, here, probe_package
 from tasks.models.entry import WeightsFormat
 
 
@@ -79,6 +79,7 @@ def compile_model(candidate: Candidate, cfg: CompileConfig, ctx: CompressContext
         t0 = time.perf_counter()
         package, reference, record = compile_package(source, pre.input_shape, ctx.device, batch_size, Path(tmp))
         seconds = time.perf_counter() - t0
+        probe_package(package, ctx.device)  # a loader that crashes fails the recipe, not the whole process
         runner = aoti_load_package(str(package))
         compiled = CompiledModel(runner, batch_size, module_dtype(reference), ctx.device.is_cuda, ctx.device)
         parity = check_compiled(reference, compiled, images, cfg)

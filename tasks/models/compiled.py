@@ -9,6 +9,9 @@ model's) before it is loaded, and importers never take one from outside.
 from __future__ import annotations
 
 import platform
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,3 +93,30 @@ def load_compiled(entry: ModelEntry, package: Path, device: Device | None) -> Co
     dtype = getattr(torch, record.get("dtype", "float32"))
     return CompiledModel(runner, int(record["batch_size"]), dtype, record.get("memory_format") == "channels_last",
                          device)
+
+
+class PackageLoadError(RuntimeError):
+    """A compiled package that cannot be loaded on this machine."""
+
+
+def probe_package(package: Path, device: Device, timeout: float = 300) -> None:
+    """Load the package in a separate process first: a loader that crashes (seen on one machine image with torch
+    2.11, where every AOTInductor package, CPU or CUDA, died in its loader with SIGSEGV) then fails the recipe with
+    its reason instead of killing the run that asked."""
+    index = str(device.index) if device.is_cuda else "-1"
+    try:
+        done = subprocess.run([sys.executable, "-m", "tasks.models.compiled", str(package), index],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise PackageLoadError(f"loading the compiled package took more than {timeout:.0f} s") from None
+    if done.returncode != 0:
+        how = (f"was killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0 else
+               f"exited {done.returncode}")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise PackageLoadError(f"a process loading the compiled package {how} (torch {torch.__version__}): {last}")
+
+
+if __name__ == "__main__":  # python -m tasks.models.compiled PACKAGE DEVICE_INDEX: load it, as probe_package asks
+    from torch._inductor import aoti_load_package
+
+    aoti_load_package(sys.argv[1], **({"device_index": int(sys.argv[2])} if int(sys.argv[2]) >= 0 else {}))
