@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(args.device)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or os.environ.get("A2K_COMMIT", "unknown")
+    # A2K_COMMIT first: the GPU machine's copy of the tree may carry a stale .git
+    commit = os.environ.get("A2K_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip() or "unknown"
     head = (f"\n## Model acceleration on {target or str(dev)} ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
             f"Machine: {machine_line(_child_env(args.workdir))}. Commit {commit}. Command: `python -m bench.accelerate "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n")
@@ -201,8 +202,9 @@ def main(argv: list[str] | None = None) -> None:
                 for label, d in (("parent", parent_dir), ("child", child_dir))]
         report["fresh"] = rows
         ratio = (rows[0]["wall_s"] / rows[1]["wall_s"]) if rows[1]["wall_s"] else None
-        lines = [f"\nFresh process, files to committed Parquet, {args.images} files, `a2k classify --target "
-                 f"{target}` (exec to exit; a first untimed run primed the page cache):\n",
+        lines = [f"\nFresh process, files to committed Parquet, {args.images} files, `a2k classify"
+                 f"{f' --target {target}' if target else ''}` (exec to exit; a first untimed run primed the page "
+                 f"cache):\n",
                  "| model | wall s | images/s over the wall | first batch at s | predicted | errors | rc |",
                  "|---|---|---|---|---|---|---|"]
         for label, r in zip(("parent " + trained["ref"], f"child {best['child']} ({best['chain']})"), rows):
