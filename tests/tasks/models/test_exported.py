@@ -13,24 +13,10 @@ from tasks.compress.quant import quantize_static
 from tasks.models.entry import WeightsFormat, build_model, default_preprocessing, load_model, write_entry
 from tasks.models.exported import UnsafeArchiveError, load_exported_program
 from tasks.models.importers import import_classifier
+from tests.tasks.models.test_importers import Payload  # unpickling it writes a marker file
 
 PRE = default_preprocessing("seed-cnn")
 NAMES = list("abc")
-
-
-def _leave_mark(path: str) -> str:
-    Path(path).write_text("the payload ran")
-    return "ran"
-
-
-class Payload:
-    """Unpickling this calls `_leave_mark`: what a malicious model file would do with os.system."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (_leave_mark, (self.marker,))
 
 
 def _pickled(marker: Path) -> bytes:
