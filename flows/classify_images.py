@@ -28,7 +28,7 @@ from tasks.classify.prefect_tasks import classify_shard_task
 from tasks.devices import resolve_device
 from tasks.images.prefect_tasks import list_images_task
 from tasks.models.compiled import check_runs_here
-from tasks.models.entry import WeightsFormat, read_entry
+from tasks.models.entry import WeightsFormat, read_entry, verify_weights
 from tasks.models.registry import resolve_model
 from tasks.runner import GPU_LIMIT, TaskRunnerKind, ensure_gpu_limit, gpu_slot, make_task_runner
 from tasks.targets import plan_budget
@@ -74,6 +74,7 @@ def classify_images(
     _, local_dir = resolve_model(model, registry)
     model_dir = str(local_dir)
     entry = read_entry(model_dir)
+    verify_weights(model_dir, entry)  # altered or truncated weights: refused before anything is written
     dev = resolve_device(device)
     if gpu_memory_gb and not dev.is_cuda:
         raise ValueError(f"gpu_memory_gb {gpu_memory_gb} needs a CUDA device; device {device!r} is {dev}")

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import duckdb
 import pandas as pd
@@ -141,3 +142,19 @@ def test_a_gpu_memory_limit_without_a_gpu_is_refused_before_any_work(photos_dir,
         classify_images(input=str(photos_dir), output=str(tmp_path / "out"), model=str(seed_model_dir), device="cpu",
                         gpu_memory_gb=6)
     assert not list((tmp_path / "out").glob("**/*.parquet"))
+
+
+def test_weights_altered_after_registration_are_refused_before_anything_is_written(photos_dir, seed_model_dir,
+                                                                                   tmp_path):
+    """The digest was checked only in the shard task, after the manifest, work file and pending.json were written."""
+    model = tmp_path / "altered"
+    shutil.copytree(seed_model_dir, model)
+    weights = model / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of one weight: the file still loads, the digest differs
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"model seed version 1: weights sha256 \w+… does not match the entry's \w+…; "
+                                         "the file is truncated or altered"):
+        classify_images(input=str(photos_dir), output=str(out), model=str(model), device="cpu")
+    assert not [p for p in out.rglob("*")], "nothing written into the output"
