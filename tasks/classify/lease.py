@@ -68,9 +68,13 @@ def _now() -> datetime:
 
 def read_lease(out: Output) -> LeaseOwner | None:
     """The lease now on `out`, or None."""
-    out.fs.invalidate_cache(out.lease)
+    return _read_owner(out, out.lease)
+
+
+def _read_owner(out: Output, path: str) -> LeaseOwner | None:
+    out.fs.invalidate_cache(path)
     try:
-        data = out.fs.cat_file(out.lease)
+        data = out.fs.cat_file(path)
     except FileNotFoundError:
         return None
     return LeaseOwner(**json.loads(data))
@@ -141,32 +145,33 @@ def acquire_lease(out: Output, flow_run_id: str, input: str, ttl: float = LEASE_
         current = read_lease(out)
     if current is None or not current.is_stale(_now()):
         raise _busy(out, current)
-    _take_over(out, current, data)
+    _replace_stale(out, out.lease, current, data)
     return Lease(out, owner, ttl, renew_every), current
 
 
-def _take_over(out: Output, stale: LeaseOwner, data: bytes) -> None:
-    """Replace the stale lease with ours. Takers first create a claim named after the stale lease's token, which
-    only one of them can: two takers of one lease never both win, and a late one finds a newer token and stops."""
-    claim = f"{out.lease}.takeover-{stale.token}"
+def _replace_stale(out: Output, path: str, stale: LeaseOwner, data: bytes) -> None:
+    """Replace `path` (the lease, or a claim on it), which holds `stale`, with ours. Takers first create a claim
+    named after the stale token, which only one of them can: two takers of one lease never both win, and a late one
+    finds a newer token and stops. A claim left by a taker that died is stale in its turn, and replaced the same way."""
+    claim = f"{path}.takeover-{stale.token}"
     if not create_exclusive(out.fs, claim, data):
-        raise _busy(out, read_lease(out), taking_over=stale)
+        other = _read_owner(out, claim)
+        if other is None or not other.is_stale(_now()):
+            raise _busy(out, read_lease(out))
+        _replace_stale(out, claim, other, data)  # the claim is ours now
     try:
-        current = read_lease(out)
+        current = _read_owner(out, path)
         if current is not None and (current.token != stale.token or not current.is_stale(_now())):
-            raise _busy(out, current)  # renewed by a run that was slow, not gone, or already replaced
+            raise _busy(out, read_lease(out))  # renewed by a run that was slow, not gone, or already replaced
         if current is not None:
-            out.fs.rm(out.lease)
-        if not create_exclusive(out.fs, out.lease, data):  # a fresh run found no lease and took it meanwhile
+            out.fs.rm(path)
+        if not create_exclusive(out.fs, path, data):  # a fresh run found nothing there and took it meanwhile
             raise _busy(out, read_lease(out))
     finally:
         out.fs.rm(claim)
 
 
-def _busy(out: Output, holder: LeaseOwner | None, taking_over: LeaseOwner | None = None) -> OutputBusy:
-    if holder is None or (taking_over is not None and holder.token == taking_over.token):
-        who = "a run taking over a stale lease"
-    else:
-        who = holder.describe()
+def _busy(out: Output, holder: LeaseOwner | None) -> OutputBusy:
+    who = "a run taking over a stale lease" if holder is None or holder.is_stale(_now()) else holder.describe()
     return OutputBusy(f"output {out.url!r} is being written by another a2k run ({who}); wait for it or give "
                       "another output")

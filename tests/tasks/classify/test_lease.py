@@ -2,6 +2,7 @@
 when it ends, taken over when stale by exactly one of several takers."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -113,3 +114,21 @@ def test_a_held_lease_is_renewed_and_a_lost_one_stops_the_commit(out):
         lease.check()
     lease.release()
     assert json.loads(out.fs.cat_file(out.lease))["token"] == "b" * 32  # the taker's lease is left alone
+
+
+@pytest.mark.parametrize("taker", ["dead", "alive"])
+def test_a_claim_left_by_a_taker_that_died_does_not_block_the_output(out, taker):
+    """A taker killed between its claim and its new lease leaves the claim; that claim is stale in its turn."""
+    old = _held_by(out, host="elsewhere", pid=1, expires_in=-1)
+    now = datetime.now(timezone.utc)
+    claimant = LeaseOwner(socket.gethostname(), _dead_pid() if taker == "dead" else os.getpid(), "taker-run",
+                          "/data/t", now.isoformat(), (now + timedelta(seconds=600)).isoformat(), "c" * 32)
+    write_atomic(out.fs, f"{out.lease}.takeover-{old.token}", dumps(asdict(claimant)))
+    if taker == "alive":  # a live taker is under way: wait for it
+        with pytest.raises(OutputBusy, match=r"another a2k run \(a run taking over a stale lease\)"):
+            acquire_lease(out, "run-b", "/data/b")
+        return
+    lease, stale = acquire_lease(out, "run-b", "/data/b")
+    assert stale == old and read_lease(out).flow_run_id == "run-b"
+    lease.release()
+    assert listdir_names(out.fs, out.path("_a2k")) == []
