@@ -101,9 +101,12 @@ def _photos(root, first: int, n: int):
     return root
 
 
-def test_two_concurrent_processes_into_one_output_exactly_one_wins(tmp_path, seed_model_dir):
-    """The issue's repro: before the lease both exited 0 and the output mixed their images under one plan."""
-    inputs = [_photos(tmp_path / "a", 0, 60), _photos(tmp_path / "b", 60, 60)]
+@pytest.mark.parametrize("inputs", ["different", "same"])
+def test_two_concurrent_processes_into_one_output_exactly_one_wins(tmp_path, seed_model_dir, inputs):
+    """The issue's repro: before the lease both exited 0 and the output mixed their images under one plan (with
+    one input, the loser died with a traceback: "part ... holds 0 predictions ... should hold 3")."""
+    a = _photos(tmp_path / "a", 0, 60)
+    inputs = [a, _photos(tmp_path / "b", 60, 60) if inputs == "different" else a]
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # each starts its own server
     procs = [subprocess.Popen([sys.executable, "-m", "a2k", "classify", str(src), str(out), "--model",
