@@ -87,7 +87,7 @@ class Lease:
 
     def __init__(self, out: Output, owner: LeaseOwner, ttl: float, renew_every: float) -> None:
         self.out, self.owner, self.ttl = out, owner, ttl
-        self.lost: LeaseOwner | None = None
+        self.lost: str | None = None  # who holds it now, once another run took it over
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, args=(renew_every,), name="a2k-lease", daemon=True)
         self._thread.start()
@@ -104,24 +104,28 @@ class Lease:
     def renew(self) -> None:
         current = read_lease(self.out)
         if current is None or current.token != self.owner.token:
-            self.lost = current or self.owner
-            log.error("the lease on %s was taken over by %s; this run will commit nothing", self.out.url,
-                      current.describe() if current else "nobody (it was removed)")
+            self.lost = current.describe() if current else "nobody (it was removed)"
+            log.error("the lease on %s was taken over by %s; this run will commit nothing", self.out.url, self.lost)
             return
         self.owner = _with_expiry(self.owner, self.ttl)
         write_atomic(self.out.fs, self.out.lease, dumps(asdict(self.owner)))
 
     def check(self) -> None:
         if self.lost is not None:
-            raise RuntimeError(f"output {self.out.url!r}: this run's lease was lost to {self.lost.describe()} "
+            raise RuntimeError(f"output {self.out.url!r}: this run's lease was lost to {self.lost} "
                                "(this run stalled past its expiry); nothing committed")
 
     def release(self) -> None:
+        """Stop renewing and remove the lease if it is still ours. Called in a `finally`: a store that fails now is
+        logged, not raised over the run's own outcome; the lease then expires by itself."""
         self._stop.set()
         self._thread.join()
-        current = read_lease(self.out)
-        if current is not None and current.token == self.owner.token:
-            self.out.fs.rm(self.out.lease)
+        try:
+            current = read_lease(self.out)
+            if current is not None and current.token == self.owner.token:
+                self.out.fs.rm(self.out.lease)
+        except OSError as e:
+            log.warning("could not remove the lease on %s: %s; it expires at %s", self.out.url, e, self.owner.expires)
 
 
 def _with_expiry(owner: LeaseOwner, ttl: float) -> LeaseOwner:
