@@ -21,13 +21,14 @@ from flows.params import (
     check_output_target,
 )
 from tasks.classify.commit import commit_run, shard_table, summary_markdown
+from tasks.classify.lease import acquire_lease
 from tasks.classify.output import Output, part_name
 from tasks.classify.plan import PlannedShard, RunContext, RunPlan, ShardOutcome, plan_run, resumed_outcome
 from tasks.classify.prefect_tasks import classify_shard_task
 from tasks.devices import resolve_device
 from tasks.images.prefect_tasks import list_images_task
 from tasks.models.compiled import check_runs_here
-from tasks.models.entry import WeightsFormat, read_entry
+from tasks.models.entry import WeightsFormat, read_entry, verify_weights
 from tasks.models.registry import resolve_model
 from tasks.runner import GPU_LIMIT, TaskRunnerKind, ensure_gpu_limit, gpu_slot, make_task_runner
 from tasks.targets import plan_budget
@@ -73,6 +74,7 @@ def classify_images(
     _, local_dir = resolve_model(model, registry)
     model_dir = str(local_dir)
     entry = read_entry(model_dir)
+    verify_weights(model_dir, entry)  # altered or truncated weights: refused before anything is written
     dev = resolve_device(device)
     if gpu_memory_gb and not dev.is_cuda:
         raise ValueError(f"gpu_memory_gb {gpu_memory_gb} needs a CUDA device; device {device!r} is {dev}")
@@ -88,47 +90,58 @@ def classify_images(
     log.info("model %s resolved to %s v%s (sha256 %s…) on %s", model, entry.name, entry.version,
              entry.weights_sha256[:12], dev)
 
-    t0 = time.perf_counter()
     out = Output(output)
-    listed = list_images_task(input, out.url_of(out.manifest))
-    plan = plan_run(out, shard_size, entry, top_k, input, overwrite, full)
-    d = plan.delta
-    log.info("%d images listed: %d new, %d changed, %d unchanged (skipped), %d retried, %d removed from the source "
-             "(their rows dropped)%s", listed, d.new, d.changed, d.unchanged, d.retried, d.removed,
-             " — full run: the dataset starts over" if full else "")
-    list_seconds = time.perf_counter() - t0
+    # one writer at a time: taken before the listing writes anything into the output, released however it ends
+    lease, stale = acquire_lease(out, ctx.run_id, input)
+    if stale is not None:
+        log.warning("took over the stale lease of %s (it expired %s or its process is gone)", stale.describe(),
+                    stale.expires)
+    try:
+        t0 = time.perf_counter()
+        listed = list_images_task(input, out.url_of(out.manifest))
+        plan = plan_run(out, shard_size, entry, top_k, input, overwrite, full)
+        d = plan.delta
+        log.info("%d images listed: %d new, %d changed, %d unchanged (skipped), %d retried, %d removed from the "
+                 "source (their rows dropped)%s", listed, d.new, d.changed, d.unchanged, d.retried, d.removed,
+                 " — full run: the dataset starts over" if full else "")
+        list_seconds = time.perf_counter() - t0
 
-    # on Dask each worker is pinned to its own card (dask-cuda) or is another machine: it uses its first card
-    task_device = str(dev) if task_runner is TaskRunnerKind.LOCAL or not dev.is_cuda else "cuda"
+        # on Dask each worker is pinned to its own card (dask-cuda) or is another machine: it uses its first card
+        task_device = str(dev) if task_runner is TaskRunnerKind.LOCAL or not dev.is_cuda else "cuda"
 
-    def parameters(p: PlannedShard) -> dict[str, Any]:
-        return {"shard": p.shard, "output": out.url, "key": p.key,
-                "model_dir": model_dir, "weights_sha256": entry.weights_sha256, "device": task_device,
-                "batch_size": batch_size, "num_threads": budget.num_threads, "hw_decoder_load": budget.hw_decoder_load,
-                "ctx": ctx, "gpu_memory_gb": budget.gpu_memory_gb, "take_gpu_slot": not local,
-                "model_sms": budget.model_sms}
+        def parameters(p: PlannedShard) -> dict[str, Any]:
+            return {"shard": p.shard, "output": out.url, "key": p.key,
+                    "model_dir": model_dir, "weights_sha256": entry.weights_sha256, "device": task_device,
+                    "batch_size": batch_size, "num_threads": budget.num_threads,
+                    "hw_decoder_load": budget.hw_decoder_load,
+                    "ctx": ctx, "gpu_memory_gb": budget.gpu_memory_gb, "take_gpu_slot": not local,
+                    "model_sms": budget.model_sms}
 
-    # in this process the run holds the card once, for all its shards (a slot per shard waits in Prefect's acquire
-    # back-off between shards: bench/RESULTS.md); Dask workers each take their card's slot per shard
-    local = task_runner is TaskRunnerKind.LOCAL
-    with gpu_slot(dev) if local else contextlib.nullcontext([]) as slots:
-        if slots:
-            log.info("holding concurrency slots %s for the run", ", ".join(slots))
-        outcomes = _classify_shards(plan, runner, parameters, out)
-    summary = commit_run(
-        out, plan, outcomes, ctx, list_seconds,
-        extra={"input": input, "output": output, "device": str(dev), "model_dir": model_dir,
-               "task_runner": task_runner.value, **({"budget": budget.describe()} if target else {})},
-    )
-    create_markdown_artifact(summary_markdown(summary), key="classify-images-summary", description="a2k run summary")
-    create_table_artifact(shard_table(plan, outcomes), key="classify-images-shards",
-                          description=f"shards of this run: {summary['processed_this_run']} images classified, "
-                                      f"{d.unchanged} unchanged images skipped")
-    log.info(
-        "%d images: %d predicted, %d errors, %s images/s; predictions in %s",
-        listed, summary["predicted"], summary["errors"], summary["images_per_second"], output,
-    )
-    return summary
+        # in this process the run holds the card once, for all its shards (a slot per shard waits in Prefect's
+        # acquire back-off between shards: bench/RESULTS.md); Dask workers each take their card's slot per shard
+        local = task_runner is TaskRunnerKind.LOCAL
+        with gpu_slot(dev) if local else contextlib.nullcontext([]) as slots:
+            if slots:
+                log.info("holding concurrency slots %s for the run", ", ".join(slots))
+            outcomes = _classify_shards(plan, runner, parameters, out)
+        lease.check()  # a run that stalled past its lease and lost it commits nothing
+        summary = commit_run(
+            out, plan, outcomes, ctx, list_seconds,
+            extra={"input": input, "output": output, "device": str(dev), "model_dir": model_dir,
+                   "task_runner": task_runner.value, **({"budget": budget.describe()} if target else {})},
+        )
+        create_markdown_artifact(summary_markdown(summary), key="classify-images-summary",
+                                 description="a2k run summary")
+        create_table_artifact(shard_table(plan, outcomes), key="classify-images-shards",
+                              description=f"shards of this run: {summary['processed_this_run']} images classified, "
+                                          f"{d.unchanged} unchanged images skipped")
+        log.info(
+            "%d images: %d predicted, %d errors, %s images/s; predictions in %s",
+            listed, summary["predicted"], summary["errors"], summary["images_per_second"], output,
+        )
+        return summary
+    finally:
+        lease.release()
 
 
 def _classify_shards(

@@ -8,6 +8,7 @@ Read as one dataset by pandas, polars, DuckDB and Spark, which skip names that s
     <output>/_a2k/work.parquet               the images this run classifies: one row group per shard
     <output>/_a2k/state/images.parquet       what the dataset holds, for incremental runs (tasks.classify.state)
     <output>/_a2k/state/pending.json         what an uncommitted run planned
+    <output>/_a2k/lease.json                 the run writing the output now, while it lives (tasks.classify.lease)
     <output>/_a2k/.write-probe-<hex>         an empty object written and removed to check an S3 output takes writes
     <output>/.part-<key>.parquet.<hex>.tmp   a part half-written by a killed run (local outputs; tasks.storage)
 """
@@ -25,6 +26,7 @@ MANIFEST_FILE = "_a2k/manifest.parquet"
 WORK_FILE = "_a2k/work.parquet"
 STATE_FILE = "_a2k/state/images.parquet"
 PENDING_FILE = "_a2k/state/pending.json"
+LEASE_FILE = "_a2k/lease.json"
 PROBE_PREFIX = "_a2k/.write-probe-"
 ERRORS_DIR = "_errors"
 RUN_MARKER = "_a2k_run.json"
@@ -86,6 +88,10 @@ class Output:
     @property
     def pending(self) -> str:
         return self.path(PENDING_FILE)
+
+    @property
+    def lease(self) -> str:
+        return self.path(LEASE_FILE)
 
     @property
     def marker(self) -> str:

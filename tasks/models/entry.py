@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -320,11 +321,18 @@ def verify_weights(directory: str | os.PathLike, entry: ModelEntry) -> Path:
     return weights
 
 
-def _with_weights(entry: ModelEntry, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The architecture with `state` as its tensors, in fp32 (as a copy into fresh parameters would give): built
-    on the meta device, so its random initialisation is skipped (2.5 s for a ResNet-50 on the CPU)."""
+def _with_weights(entry: ModelEntry, state: dict[str, torch.Tensor], weights: Path) -> nn.Module:
+    """The architecture with `state` (read from `weights`) as its tensors, in fp32 (as a copy into fresh
+    parameters would give): built on the meta device, so its random initialisation is skipped (2.5 s for a
+    ResNet-50 on the CPU). A state that does not fit is refused in one line naming the file and the first
+    differences."""
     with torch.device("meta"):
         model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
+    fits = f"{entry.architecture} with {entry.num_classes} classes"
+    problems = state_dict_problems(state, model.state_dict(), fits)
+    if problems:
+        raise ValueError(f"model {entry.name} version {entry.version}: weights file {str(weights)!r} does not fit "
+                         f"{fits}: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a buffer the state dict does not hold
         model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
@@ -332,8 +340,31 @@ def _with_weights(entry: ModelEntry, state: dict[str, torch.Tensor]) -> nn.Modul
     return model.float()
 
 
+def state_dict_problems(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: str) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches, the first few of each, as readable lines."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k}: file has {list(found[k].shape)}, {model} expects {list(v.shape)}"
+              for k, v in expected.items() if k in found and found[k].shape != v.shape]
+    problems = []
+    for label, items in (("shape mismatch", shapes), ("missing from the file", missing),
+                         ("not in the model", unexpected)):
+        if items:
+            more = f" (and {len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    return problems
+
+
+def _read_safetensors(entry: ModelEntry, weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(weights))
+    except SafetensorError as e:  # a damaged header: safetensors' own message is one line
+        raise ValueError(f"model {entry.name} version {entry.version}: weights file {str(weights)!r} is not a "
+                         f"readable safetensors file: {e}") from None
+
+
 def _load_state_dict(entry: ModelEntry, weights: Path) -> nn.Module:
-    return _with_weights(entry, load_file(str(weights)))
+    return _with_weights(entry, _read_safetensors(entry, weights), weights)
 
 
 INT8_SCALE_PREFIX = "__int8_scale__."  # the scale of int8 tensor K is stored under INT8_SCALE_PREFIX + K
@@ -341,11 +372,11 @@ INT8_SCALE_PREFIX = "__int8_scale__."  # the scale of int8 tensor K is stored un
 
 def _load_int8_weights(entry: ModelEntry, weights: Path) -> nn.Module:
     """int8 tensors with a per-output-channel scale are dequantized (q * scale) before loading."""
-    stored = load_file(str(weights))
+    stored = _read_safetensors(entry, weights)
     scales = {k[len(INT8_SCALE_PREFIX):]: v for k, v in stored.items() if k.startswith(INT8_SCALE_PREFIX)}
     state = {k: v.float() * scales[k].view(-1, *[1] * (v.dim() - 1)) if k in scales else v
              for k, v in stored.items() if not k.startswith(INT8_SCALE_PREFIX)}
-    return _with_weights(entry, state)
+    return _with_weights(entry, state, weights)
 
 
 def _load_torchscript(entry: ModelEntry, weights: Path) -> nn.Module:

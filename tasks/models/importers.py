@@ -19,7 +19,7 @@ from torch import nn
 
 from tasks.models.entry import (
     WEIGHTS_FILE, ModelEntry, WeightsFormat, build_model, check_class_names, check_model_name, list_architectures,
-    sha256_file, write_entry,
+    sha256_file, state_dict_problems, write_entry,
 )
 from tasks.models.exported import load_exported_program
 from tasks.images.preprocess import Preprocessing
@@ -175,7 +175,7 @@ def _fit_state_dict(state: dict[str, torch.Tensor], path: Path, target: _Target)
         state = {k[len(_DATAPARALLEL_PREFIX):]: v for k, v in state.items()}
     arch, n = target.architecture, len(target.class_names)
     model = build_model(arch, n, target.preprocessing)
-    problems = _state_dict_problems(state, model.state_dict(), f"{arch} with {n} classes")
+    problems = state_dict_problems(state, model.state_dict(), f"{arch} with {n} classes")
     if problems:
         raise ValueError(f"{str(path)!r} does not fit {arch} with {n} classes: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True)
@@ -184,21 +184,6 @@ def _fit_state_dict(state: dict[str, torch.Tensor], path: Path, target: _Target)
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(dest))
 
     return write
-
-
-def _state_dict_problems(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: str) -> list[str]:
-    """Missing keys, unexpected keys and shape mismatches, the first few of each, as readable lines."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    shapes = [f"{k}: file has {list(found[k].shape)}, {model} expects {list(v.shape)}"
-              for k, v in expected.items() if k in found and found[k].shape != v.shape]
-    problems = []
-    for label, items in (("shape mismatch", shapes), ("missing from the file", missing),
-                         ("not in the model", unexpected)):
-        if items:
-            more = f" (and {len(items) - 3} more)" if len(items) > 3 else ""
-            problems.append(f"{label}: {', '.join(items[:3])}{more}")
-    return problems
 
 
 # --- TorchScript and torch.export: kept byte for byte, after one run on the model's input shape --------

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import duckdb
 import pandas as pd
@@ -141,3 +142,38 @@ def test_a_gpu_memory_limit_without_a_gpu_is_refused_before_any_work(photos_dir,
         classify_images(input=str(photos_dir), output=str(tmp_path / "out"), model=str(seed_model_dir), device="cpu",
                         gpu_memory_gb=6)
     assert not list((tmp_path / "out").glob("**/*.parquet"))
+
+
+def test_weights_altered_after_registration_are_refused_before_anything_is_written(photos_dir, seed_model_dir,
+                                                                                   tmp_path):
+    """The digest was checked only in the shard task, after the manifest, work file and pending.json were written."""
+    model = tmp_path / "altered"
+    shutil.copytree(seed_model_dir, model)
+    weights = model / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of one weight: the file still loads, the digest differs
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"model seed version 1: weights sha256 \w+… does not match the entry's \w+…; "
+                                         "the file is truncated or altered"):
+        classify_images(input=str(photos_dir), output=str(out), model=str(model), device="cpu")
+    assert not [p for p in out.rglob("*")], "nothing written into the output"
+
+
+def test_weights_of_another_shape_fail_the_run_in_one_line_naming_the_file(photos_dir, seed_model_dir, tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import save
+
+    from tasks.models.entry import build_model, default_preprocessing, read_entry, save_entry, sha256_file
+
+    model = tmp_path / "three-classes"
+    shutil.copytree(seed_model_dir, model)
+    weights = model / "weights.safetensors"  # registered with its digest, but for 3 classes where the entry says 2
+    weights.write_bytes(save(build_model("seed-cnn", 3, default_preprocessing("seed-cnn")).state_dict()))
+    save_entry(model, replace(read_entry(model), weights_sha256=sha256_file(weights)))
+    with pytest.raises(ValueError) as e:
+        classify_images(input=str(photos_dir), output=str(tmp_path / "out"), model=str(model), device="cpu")
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(f"model seed version 1: weights file {str(weights)!r} does not fit seed-cnn with "
+                                   "2 classes: shape mismatch: ")

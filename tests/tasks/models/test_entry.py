@@ -46,6 +46,49 @@ def test_altered_weights_are_refused_naming_model_and_version(seed_model_dir, tm
         load_model(copy)
 
 
+def _with_weights_file(src, dest, data: bytes):
+    """A copy of model directory `src` whose weights file holds `data`, its sha256 recorded: what a registry
+    would hand out had a wrong or damaged file been registered."""
+    import shutil
+
+    from tasks.models.entry import save_entry, sha256_file
+
+    shutil.copytree(src, dest)
+    weights = dest / "weights.safetensors"
+    weights.write_bytes(data)
+    save_entry(dest, replace(read_entry(dest), weights_sha256=sha256_file(weights)))
+    return weights
+
+
+def test_weights_of_another_shape_are_one_line_naming_the_file_and_the_shapes(seed_model_dir, tmp_path):
+    from safetensors.torch import save
+
+    other = build_model("seed-cnn", 3, default_preprocessing("seed-cnn")).state_dict()  # 3 classes, entry says 2
+    weights = _with_weights_file(seed_model_dir, tmp_path / "m", save(other))
+    with pytest.raises(ValueError) as e:
+        load_model(tmp_path / "m")
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"model seed version 1: weights file {str(weights)!r} does not fit seed-cnn with 2 "
+                              "classes: shape mismatch: ")
+    assert "file has [3, " in message and "seed-cnn with 2 classes expects [2, " in message
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda b: b[:8] + b"XXXX" + b[12:], "invalid JSON in header"),
+    (lambda b: (10**9).to_bytes(8, "little") + b[8:], "header too large"),
+    (lambda b: b[:5], "header too small"),
+])
+def test_a_damaged_safetensors_header_is_one_line_naming_the_file(seed_model_dir, tmp_path, damage, reason):
+    data = (seed_model_dir / "weights.safetensors").read_bytes()
+    weights = _with_weights_file(seed_model_dir, tmp_path / "m", damage(data))
+    with pytest.raises(ValueError) as e:
+        load_model(tmp_path / "m")
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(f"model seed version 1: weights file {str(weights)!r} is not a readable "
+                                   f"safetensors file: Error while deserializing header: {reason}")
+
+
 def test_unknown_and_duplicate_architectures_are_refused():
     with pytest.raises(ValueError, match="architecture 'resnet9' is not known; available: .*seed-cnn"):
         build_model("resnet9", 2, Preprocessing())
