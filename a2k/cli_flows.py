@@ -85,6 +85,7 @@ def add_flow_arguments(parser: argparse.ArgumentParser, spec: FlowSpec, position
         flag = "--" + name.replace("_", "-")
         if base is bool:  # a switch: on when given (a parameter that defaults to True also takes --no-NAME)
             action = argparse.BooleanOptionalAction if default is True else "store_true"
+            text = f"{text} (default: True)".strip() if default is True else text
             parser.add_argument(flag, action=action, default=bool(default), help=text)
             continue
         kwargs: dict[str, Any] = {"dest": name, "metavar": name.upper()}

@@ -96,8 +96,8 @@ def compress_model(
     required); else it is registered as rejected with the reason and its measured numbers."""
     log = get_run_logger()
     cfg = CompressModelConfig(model=model, recipes=recipes, target=target, max_accuracy_drop=max_accuracy_drop,
-                              min_speedup=min_speedup, device=device, batch_size=batch_size, num_threads=num_threads, alias=alias,
-                              registry=registry)
+                              min_speedup=min_speedup, device=device, batch_size=batch_size,
+                              num_threads=num_threads, alias=alias, registry=registry)
     chain = parse_chain(cfg.recipes)
     dev = resolve_device(cfg.device)
     check_supported(chain, dev.kind, device_capability(dev), f"device {dev}")

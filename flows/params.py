@@ -45,6 +45,9 @@ def _check_target(name: str) -> str:
 TargetName = Annotated[str, AfterValidator(_check_target), Field(
     description="run as on this card (e.g. a2000): its GPU memory, no hardware JPEG decoder where it has none, its "
                 "host's cores for DALI, and the model on the SMs that match its tensor throughput (a green context)")]
+CompressDemo = Annotated[bool, Field(
+    description="compress the trained model and promote the fastest child that passes the gate (--no-compress: "
+                "classify with the trained one)")]
 TaskRunnerChoice = Annotated[
     TaskRunnerKind,
     Field(description="local: shards in the flow's process; dask: on a Dask cluster (a temporary one, or the scheduler "

@@ -103,7 +103,8 @@ def model_facts(model_dir: str, batch_size: int, on_cuda: bool) -> dict[str, Any
                 "memory_estimate": estimate, "memory_estimate_bytes": estimate["total"]}
     _, module = load_model(model_dir)
     estimate = estimate_memory(module, entry.preprocessing, batch_size, on_cuda=on_cuda)
-    return {**facts, "parameters": count_parameters(module), "flops": count_flops(module, entry.preprocessing.input_shape),
+    return {**facts, "parameters": count_parameters(module),
+            "flops": count_flops(module, entry.preprocessing.input_shape),
             "memory_estimate": estimate, "memory_estimate_bytes": estimate["total"]}
 
 

@@ -105,12 +105,14 @@ def _photos(root, first: int, n: int):
 def test_two_concurrent_processes_into_one_output_exactly_one_wins(tmp_path, seed_model_dir, inputs):
     """The issue's repro: before the lease both exited 0 and the output mixed their images under one plan (with
     one input, the loser died with a traceback: "part ... holds 0 predictions ... should hold 3")."""
-    a = _photos(tmp_path / "a", 0, 60)
-    inputs = [a, _photos(tmp_path / "b", 60, 60) if inputs == "different" else a]
+    # a run of 240 one-image shards holds the lease for many seconds: longer than the spread of the two processes'
+    # start-up (imports, each its own temporary server), so they overlap however busy the machine is
+    a = _photos(tmp_path / "a", 0, 240)
+    inputs = [a, _photos(tmp_path / "b", 240, 240) if inputs == "different" else a]
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # each starts its own server
     procs = [subprocess.Popen([sys.executable, "-m", "a2k", "classify", str(src), str(out), "--model",
-                               str(seed_model_dir), "--device", "cpu", "--shard-size", "3", "--batch-size", "3"],
+                               str(seed_model_dir), "--device", "cpu", "--shard-size", "1", "--batch-size", "1"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True) for src in inputs]
     results = [p.communicate(timeout=500) for p in procs]
