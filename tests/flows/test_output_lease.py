@@ -7,8 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import asdict
-from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 import pyarrow.dataset as ds
@@ -16,10 +14,10 @@ import pytest
 
 from a2k.cli import main
 from flows.classify_images import classify_images
-from tasks.classify.lease import LeaseOwner, OutputBusy, read_lease
+from tasks.classify.lease import OutputBusy, read_lease
 from tasks.classify.output import Output
-from tasks.storage import dumps, write_atomic
 from tests.conftest import photo_paths
+from tests.tasks.classify.test_lease import _held_by  # a lease another run left on an output
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -32,14 +30,6 @@ def out(request, tmp_path) -> Output:
 def _run(photos, out: Output, model, **kw):
     return classify_images(input=str(photos), output=out.url, model=str(model), device="cpu", shard_size=4,
                            batch_size=4, **kw)
-
-
-def _plant_lease(out: Output, *, host: str, pid: int, expires_in: float) -> LeaseOwner:
-    now = datetime.now(timezone.utc)
-    owner = LeaseOwner(host, pid, "f00d-run", "/data/elsewhere", now.isoformat(),
-                       (now + timedelta(seconds=expires_in)).isoformat(), "e" * 32)
-    write_atomic(out.fs, out.lease, dumps(asdict(owner)))
-    return owner
 
 
 def _files(out: Output) -> dict[str, str]:
@@ -57,7 +47,7 @@ def _uris(out: Output) -> list[str]:
 def test_a_run_into_an_output_a_live_run_holds_is_refused_and_writes_nothing(out, photos_dir, seed_model_dir,
                                                                              tmp_path, capsys):
     _run(photos_dir, out, seed_model_dir)
-    holder = _plant_lease(out, host=socket.gethostname(), pid=os.getpid(), expires_in=120)  # this live process
+    holder = _held_by(out, host=socket.gethostname(), pid=os.getpid(), expires_in=120)  # this live process
     before = _files(out)
     line = (f"output {out.url!r} is being written by another a2k run ({holder.describe()}); wait for it or give "
             "another output")
@@ -75,10 +65,10 @@ def test_a_run_into_an_output_a_live_run_holds_is_refused_and_writes_nothing(out
 
 
 def test_a_stale_lease_is_taken_over_and_the_run_completes_once(out, photos_dir, seed_model_dir, caplog):
-    _plant_lease(out, host="a-gone-machine", pid=4242, expires_in=-30)
+    _held_by(out, host="a-gone-machine", pid=4242, expires_in=-30)
     with caplog.at_level("WARNING"):
         summary = _run(photos_dir, out, seed_model_dir)
-    assert "took over the stale lease of flow run f00d-run, pid 4242 on host a-gone-machine" in caplog.text
+    assert "took over the stale lease of flow run other-run, pid 4242 on host a-gone-machine" in caplog.text
     assert summary["listed"] == summary["predicted"] == summary["processed_this_run"] == 9
     assert _uris(out) == sorted(str(p) for p in photos_dir.rglob("*.JPEG"))
     assert read_lease(out) is None  # released when the run ended
