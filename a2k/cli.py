@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from a2k import cli_compress, cli_models
+from a2k import cli_compress, cli_models, cli_tune
 from a2k.clock import process_age
 from a2k.cli_flows import FlowSpec, add_flow_arguments, check_flow_arguments, flow_arguments
 
@@ -40,6 +40,7 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
             add_flow_arguments(c, spec, positional)
     cli_models.add_parsers(sub)
     cli_compress.add_parsers(sub)
+    cli_tune.add_parsers(sub)
     return p
 
 
@@ -159,6 +160,8 @@ def _run(args: argparse.Namespace) -> Any:
         print(f"predictions:                     {r['output']}")
     elif args.command == "compress":
         cli_compress.run(args)
+    elif args.command == "tune":
+        cli_tune.run(args)
     else:
         cli_models.run(args)
     return None

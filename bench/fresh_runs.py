@@ -47,6 +47,7 @@ class FreshConfig:
     port: int | None = None
     prime: bool = True
     kinds: tuple[str, ...] = tuple(KINDS)
+    tune: bool = False  # a2k runs on its own settings: `a2k tune` first, then no batch/threads/load flags
 
     def __post_init__(self) -> None:
         if not self.sizes or min(self.sizes) < 1:
@@ -64,9 +65,23 @@ def _commands(kind: str, images: Path, output: Path, cfg: FreshConfig) -> list[s
                 "--output", str(output / "predictions.parquet"), "--batch-size", str(cfg.batch_size),
                 "--device", cfg.device, "--hw-decoder-load", str(cfg.hw_decoder_load), *threads]
     # `python -m a2k` is the `a2k` script (the GPU machine's carried packages have no console scripts)
+    own = [] if cfg.tune else ["--batch-size", str(cfg.batch_size), "--hw-decoder-load", str(cfg.hw_decoder_load),
+                               *threads]
     return [sys.executable, "-m", "a2k", "classify", str(images), str(output), "--model", cfg.model_dir,
-            "--batch-size", str(cfg.batch_size), "--device", cfg.device, "--hw-decoder-load",
-            str(cfg.hw_decoder_load), *threads]
+            "--device", cfg.device, *own]
+
+
+def tune_a2k(cfg: FreshConfig, images: Path, env: dict) -> str:
+    """`a2k tune` on the run's images in the a2k runs' A2K_HOME (untimed: done once per card); its chosen line."""
+    env = {**env, "A2K_HOME": str(cfg.workdir / "a2k-home")}
+    log = cfg.workdir / "logs" / "tune.log"
+    rc, wall, stdout = _timed_run([sys.executable, "-m", "a2k", "tune", str(images), "--device", cfg.device],
+                                  env, log, cfg.timeout)
+    print(stdout, flush=True)
+    chosen = next((ln for ln in stdout.splitlines() if ln.startswith("chosen:")), None)
+    if rc != 0 or chosen is None:
+        raise RuntimeError(f"a2k tune failed ({rc}): {_tail(log)}")
+    return f"{chosen} (a2k tune, {wall:.0f} s, untimed)"
 
 
 def _timed_run(cmd: list[str], env: dict, log: Path, timeout: float) -> tuple[int | None, float, str]:
@@ -198,6 +213,8 @@ def run_fresh(cfg: FreshConfig, base_env: dict) -> tuple[list[dict], list[dict]]
     if cfg.prime:
         replicate(cfg.data, prime_dir, PRIME_IMAGES, cfg.link)
     results, primes = [], []
+    if cfg.tune:
+        primes.append({"title": "tune", "note": tune_a2k(cfg, folders[max(folders)], base_env)})
 
     def block(kind: str, server: PrefectServer | None = None) -> None:
         env = _kind_env(kind, cfg, base_env, server)
@@ -299,13 +316,16 @@ def render(results: list[dict], primes: list[dict], cfg: FreshConfig, machine: s
              "", f"Machine: {machine}", "", f"Commit: {commit}", "", f"Command: `{command}`", "",
              f"Data: {', '.join(f'{n:,}' for n in sorted(set(cfg.sizes)))} files "
              f"({'hard links' if cfg.link else 'copies'} from `{cfg.data}`) · model `{cfg.model_dir}` · batch "
-             f"{cfg.batch_size} · device {cfg.device} · hw_decoder_load {cfg.hw_decoder_load} · wall = exec to exit "
+             f"{cfg.batch_size} · device {cfg.device} · hw_decoder_load {cfg.hw_decoder_load}"
+             f"{' (the peer; a2k on its decode profile, below)' if cfg.tune else ''} · wall = exec to exit "
              "of a new process (`python -m a2k classify ...`, `python -m bench.dali_peer ...`), each into a fresh "
              "output", "",
              "| run | images | wall s | images/s (wall) | steady images/s (from) | fixed cost s | notes |",
              "|---|---|---|---|---|---|---|"]
     lines += [row_line(r) for r in headline_order(results)]
     lines += ["", "a2k fresh / DALI peer (same size, images/s over the wall):", "", *ratio_lines(results)]
+    lines += [f"a2k's decoder settings: {p['note']}" for p in primes if p.get("title") == "tune"]
+    primes = [p for p in primes if p.get("title") != "tune"]
     if primes:
         lines += ["", f"Primed first on {PRIME_IMAGES} images, untimed here: " + ", ".join(
             f"{p['title']} {_fmt(p.get('wall_s'), 1)} s" + (" (failed)" if p.get("error") else "") for p in primes)]
@@ -322,6 +342,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--num-threads", type=int, default=None, help="DALI threads for both (default: a2k's choice)")
     p.add_argument("--hw-decoder-load", type=float, default=0.65)
+    p.add_argument("--tune", action="store_true",
+                   help="a2k on its own settings: `a2k tune` on the largest folder first (untimed), then its runs "
+                        "without --batch-size/--num-threads/--hw-decoder-load (the peer keeps the given ones)")
     p.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
     p.add_argument("--steady-rate", type=float, default=None,
                    help="a2k's steady images/s (e.g. run_all's warm in-process row); else fitted from two sizes")
@@ -343,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = FreshConfig(args.data, tuple(args.sizes), model_dir, args.workdir, args.batch_size, args.device,
                           args.num_threads, args.hw_decoder_load, args.link, args.timeout, args.port, args.prime,
-                          tuple(args.kinds))
+                          tuple(args.kinds), args.tune)
     except ValueError as e:
         raise SystemExit(f"bench.fresh_runs: {e}")
     env = _child_env(args.workdir)

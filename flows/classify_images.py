@@ -44,7 +44,7 @@ def classify_images(
     top_k: TopK = 5,
     device: DeviceSpec = "auto",
     num_threads: Threads | None = None,
-    hw_decoder_load: HwDecoderLoad = 0.65,
+    hw_decoder_load: HwDecoderLoad | None = None,
     gpu_memory_gb: GpuMemoryGb | None = None,
     target: TargetName | None = None,
     overwrite: Overwrite = False,
@@ -78,7 +78,8 @@ def classify_images(
     dev = resolve_device(device)
     if gpu_memory_gb and not dev.is_cuda:
         raise ValueError(f"gpu_memory_gb {gpu_memory_gb} needs a CUDA device; device {device!r} is {dev}")
-    budget = plan_budget(target, dev, num_threads, hw_decoder_load, gpu_memory_gb)
+    budget = plan_budget(target, dev, num_threads, hw_decoder_load, gpu_memory_gb, batch_size)
+    log.info("decoder: %s", budget.decoder)
     if target:
         log.info("running within the budget of %s", budget.describe())
     if entry.weights_format is WeightsFormat.AOTI_PACKAGE:
@@ -112,7 +113,7 @@ def classify_images(
         def parameters(p: PlannedShard) -> dict[str, Any]:
             return {"shard": p.shard, "output": out.url, "key": p.key,
                     "model_dir": model_dir, "weights_sha256": entry.weights_sha256, "device": task_device,
-                    "batch_size": batch_size, "num_threads": budget.num_threads,
+                    "batch_size": budget.batch_size, "num_threads": budget.num_threads,
                     "hw_decoder_load": budget.hw_decoder_load,
                     "ctx": ctx, "gpu_memory_gb": budget.gpu_memory_gb, "take_gpu_slot": not local,
                     "model_sms": budget.model_sms}

@@ -29,10 +29,10 @@ AutoBatchSize = Annotated[int, Field(
 ShardSize = Annotated[int, Field(ge=1, le=1_000_000, description="images per shard (one task and one Parquet part each)")]
 TopK = Annotated[int, Field(ge=1, le=1000, description="how many best classes to keep per image")]
 DeviceSpec = Annotated[str, AfterValidator(check_device_spec), Field(description="auto, cpu, cuda or cuda:N")]
-Threads = Annotated[int, Field(ge=1, le=256, description="DALI CPU threads (unset: the usable cores, at most 16)")]
+Threads = Annotated[int, Field(ge=1, le=256, description="DALI CPU threads (unset: from this card's decode profile, `a2k tune`, else the usable cores, at most 16)")]
 Epochs = Annotated[int, Field(ge=1, le=10_000)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
-HwDecoderLoad = Annotated[float, Field(ge=0.0, le=1.0, description="share of JPEG decoding on the GPU's hardware decoder")]
+HwDecoderLoad = Annotated[float, Field(ge=0.0, le=1.0, description="share of JPEG decoding on the GPU's hardware decoder (unset: from this card's decode profile, `a2k tune`, else 0.65)")]
 GpuMemoryGb = Annotated[float, Field(
     gt=0, le=4096, description="use at most this many GiB of GPU memory (e.g. 6, as an RTX A2000 6 GB; unset: "
                                "no cap); on out-of-memory batches halve")]

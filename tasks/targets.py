@@ -102,6 +102,8 @@ class Budget:
     num_threads: int | None = None
     model_sms: int | None = None
     note: str = ""
+    batch_size: int | None = None  # None: the largest that fits (at most 256)
+    decoder: str = ""  # where the decoder settings came from (the card's decode profile, or the fixed defaults)
 
     def describe(self) -> str:
         sms = f"the model on {self.model_sms} SMs" if self.model_sms else "the model on every SM"
@@ -110,12 +112,21 @@ class Budget:
                 f"{self.num_threads or 'all usable'} DALI threads, {sms}" + (f" ({self.note})" if self.note else ""))
 
 
-def plan_budget(target: str | None, device: Device, num_threads: int | None, hw_decoder_load: float,
-                gpu_memory_gb: float | None) -> Budget:
-    """The run's budget: the parameters as given, or, with a target, the target's memory, decoder, host cores and
-    tensor throughput on this card (each parameter given explicitly may only be tighter than the target's)."""
+def plan_budget(target: str | None, device: Device, num_threads: int | None, hw_decoder_load: float | None,
+                gpu_memory_gb: float | None, batch_size: int | None = None) -> Budget:
+    """The run's budget: the parameters as given, those left unset from this card's decode profile (`a2k tune`)
+    or the fixed defaults, and, with a target, the target's memory, decoder, host cores and tensor throughput on
+    this card (each parameter given explicitly may only be tighter than the target's)."""
+    from tasks.classify.infer import MAX_AUTO_BATCH
+    from tasks.images.tune import DEFAULT_LOAD, decoder_defaults
+
+    tuned, decoder = decoder_defaults(device, num_threads, hw_decoder_load, batch_size)
+    if tuned is not None:
+        num_threads, hw_decoder_load = tuned.num_threads, tuned.hw_decoder_load
+        batch_size = tuned.batch_size if tuned.batch_size < MAX_AUTO_BATCH or batch_size else None
+    hw_decoder_load = DEFAULT_LOAD if hw_decoder_load is None else hw_decoder_load
     if target is None:
-        return Budget(None, gpu_memory_gb, hw_decoder_load, num_threads, None)
+        return Budget(None, gpu_memory_gb, hw_decoder_load, num_threads, None, batch_size=batch_size, decoder=decoder)
     profile = get_target(target)
     if profile.device != "cuda" or not device.is_cuda:
         raise ValueError(f"target {target!r} emulates a CUDA card and needs a CUDA device; the device is {device} "
@@ -140,7 +151,7 @@ def plan_budget(target: str | None, device: Device, num_threads: int | None, hw_
     memory = min(gpu_memory_gb or profile.memory_gib, profile.memory_gib)
     load = 0.0 if not profile.hw_jpeg_decoder else hw_decoder_load
     threads = min(num_threads or profile.host_cores, profile.host_cores)
-    return Budget(target, memory, load, threads, sms, note)
+    return Budget(target, memory, load, threads, sms, note, batch_size, decoder)
 
 
 def sm_share_stream(device: Device, sms: int) -> tuple[object, torch.cuda.Stream]:

@@ -170,7 +170,9 @@ class Classifier:
         # copied into pinned memory behind the forward pass, then waited for on an event (with the GIL released),
         # instead of `.cpu()`, a copy into pageable memory that waits inside the driver for the forward pass
         scores, indices = scores.to("cpu", non_blocking=True), indices.to("cpu", non_blocking=True)
-        done = torch.cuda.Event()
+        # blocking: the thread sleeps in the driver rather than spinning a core that DALI's Huffman decoding and the
+        # readers could use (bench/NOTES.md, variant 20: the shard thread's CPU 2.5 s -> 0.25 s per 40,960 images)
+        done = torch.cuda.Event(blocking=True)
         done.record()
         done.synchronize()
         return scores.numpy(), indices.numpy()

@@ -431,7 +431,7 @@ def classify_shard(shard: Shard, out: Output, key: str, worker: ShardClassifier,
 
 def prepare_shard_worker(
     model: str, registry: str | None, device: str, batch_size: int | None, num_threads: int | None,
-    hw_decoder_load: float, gpu_memory_gb: float | None, target: str | None = None,
+    hw_decoder_load: float | None, gpu_memory_gb: float | None, target: str | None = None,
 ) -> ShardClassifier:
     """The shard worker an in-process classify run of these parameters asks for, built before the run: a fresh
     `a2k classify` builds it while Prefect loads and its server starts, and the run's shard tasks find it built
@@ -442,6 +442,6 @@ def prepare_shard_worker(
     _, local_dir = resolve_model(model, registry)
     entry = read_entry(local_dir)
     dev = resolve_device(device)
-    budget = plan_budget(target, dev, num_threads, hw_decoder_load, gpu_memory_gb)
-    return shard_classifier(str(local_dir), entry.weights_sha256, str(dev), batch_size, budget.num_threads,
+    budget = plan_budget(target, dev, num_threads, hw_decoder_load, gpu_memory_gb, batch_size)
+    return shard_classifier(str(local_dir), entry.weights_sha256, str(dev), budget.batch_size, budget.num_threads,
                             budget.hw_decoder_load, budget.gpu_memory_gb, budget.model_sms)

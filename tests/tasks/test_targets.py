@@ -31,7 +31,8 @@ def test_green_context_sizes_follow_the_card_s_split_rules(wanted, cc, card_sms,
 
 def test_without_a_target_the_budget_is_the_parameters_as_given():
     budget = plan_budget(None, Device("cpu"), 4, 0.3, None)
-    assert budget == Budget(None, None, 0.3, 4, None)
+    assert budget == Budget(None, None, 0.3, 4, None, decoder=budget.decoder)
+    assert "no decode profile" in budget.decoder  # nothing measured in this test's A2K_HOME
 
 
 def test_a_cuda_target_on_the_cpu_is_refused_in_one_line():
