@@ -27,7 +27,8 @@ DEFAULT_LOAD = 0.65  # DALI's own default share of JPEGs for the hardware decode
 LOADS = (0.0, 0.35, 0.65, 0.9, 1.0)
 BATCHES = (128, 256)
 SAMPLE_IMAGES = 2048
-PASS_IMAGES = 8192  # images in each timed pass (the sample repeated): short passes on a fast card are noise
+PASS_SECONDS = 0.6  # each timed pass lasts about this long (the sample repeated): short passes on a fast card are noise
+PASS_IMAGES = 16384
 NEAR = 0.02  # settings within 2% of the fastest are the same speed: the cheaper one (fewer threads, smaller load) wins
 
 
@@ -107,8 +108,10 @@ def _time_decode(blobs: list[Blob], pre: Preprocessing, device: Device, settings
     decoder = ImageDecoder(pre, device, settings.batch_size, settings.num_threads,
                            hw_decoder_load=settings.hw_decoder_load)
     decoder.prepare_stream()
-    blobs = [blobs[i % len(blobs)] for i in range(max(len(blobs), PASS_IMAGES))]
-    batches = [blobs[i:i + settings.batch_size] for i in range(0, len(blobs), settings.batch_size)]
+
+    def batches_of(n: int) -> list:
+        many = [blobs[i % len(blobs)] for i in range(n)]
+        return [many[i:i + settings.batch_size] for i in range(0, n, settings.batch_size)]
 
     def one_pass(batches: list) -> float:
         t0, n = time.perf_counter(), 0
@@ -118,7 +121,9 @@ def _time_decode(blobs: list[Blob], pre: Preprocessing, device: Device, settings
             torch.cuda.synchronize(device.torch_device)
         return n / (time.perf_counter() - t0)
 
-    one_pass(batches[:3])
+    one_pass(batches_of(3 * settings.batch_size))  # the pipeline's first runs (allocations, the decoders' start)
+    warm = one_pass(batches_of(3 * settings.batch_size))
+    batches = batches_of(min(max(len(blobs), int(warm * PASS_SECONDS)), PASS_IMAGES))
     rate = statistics.median(one_pass(batches) for _ in range(repeats))
     del decoder
     return rate
@@ -195,8 +200,9 @@ def decoder_defaults(device: Device, num_threads: int | None, hw_decoder_load: f
         return None, "decoder settings as given"
     profile = load_profile(device)
     if profile is None:
-        return None, (f"no decode profile for {card_name(device)}: hw_decoder_load {DEFAULT_LOAD:g}, "
-                      f"{default_threads()} DALI threads (`a2k tune DIR` measures this card's best)")
+        load = f"hw_decoder_load {DEFAULT_LOAD:g}, " if device.is_cuda else ""
+        return None, (f"no decode profile for {card_name(device)}: {load}{default_threads()} DALI threads "
+                      "(`a2k tune DIR` measures this card's best)")
     c = profile.chosen
     applied = DecodeSettings(
         c.hw_decoder_load if hw_decoder_load is None else hw_decoder_load,
