@@ -1,6 +1,7 @@
 """Shared fixtures: a Prefect test server for the session, real images, small real models.
 
-Nothing here reads outside the repository and the installed packages (`../shared` is for bench/ only).
+Nothing here reads outside the repository and the installed packages (`../shared` is for bench/ only), and nothing
+touches the user's Prefect state: the session, and every process a test starts, has a Prefect home of its own.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import http.server
 import os
 import random
 import shutil
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -18,7 +20,20 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect reads its settings (PREFECT_HOME: its database, results, profiles) when it is imported: before that, the
+# user's PREFECT_* variables go (an API URL, a profile, a home) and PREFECT_HOME is a folder of this session's, which
+# every process the tests start inherits. (A test subprocess once ran on ~/.prefect/prefect.db and left a run
+# "Running" in the user's UI.)
+if "prefect" in sys.modules:
+    raise RuntimeError("prefect was imported before tests/conftest.py set a temporary PREFECT_HOME; the tests would "
+                       "use the user's Prefect state")
+USER_PREFECT_HOME = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+for _name in [k for k in os.environ if k.startswith("PREFECT_")]:
+    del os.environ[_name]
+PREFECT_HOME = Path(tempfile.mkdtemp(prefix="a2k-tests-prefect-home-"))
+atexit.register(shutil.rmtree, PREFECT_HOME, True)
+os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 DATA = Path(__file__).resolve().parent / "data"
 ODD_IMAGES = DATA / "odd-images"  # Pillow's odd test images, in the repository (README there: origin, licence)
