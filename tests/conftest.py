@@ -1,10 +1,18 @@
-"""Shared fixtures: a Prefect test server for the session, real images, small real models."""
+"""Shared fixtures: a Prefect test server for the session, real images, small real models.
+
+Nothing here reads outside the repository and the installed packages (`../shared` is for bench/ only), and nothing
+touches the user's Prefect state: the session, and every process a test starts, has a Prefect home of its own.
+"""
 
 from __future__ import annotations
 
+import atexit
 import http.server
 import os
+import random
 import shutil
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +20,28 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect reads its settings (PREFECT_HOME: its database, results, profiles) when it is imported: before that, the
+# user's PREFECT_* variables go (an API URL, a profile, a home) and PREFECT_HOME is a folder of this session's, which
+# every process the tests start inherits. (A test subprocess once ran on ~/.prefect/prefect.db and left a run
+# "Running" in the user's UI.)
+if "prefect" in sys.modules:
+    raise RuntimeError("prefect was imported before tests/conftest.py set a temporary PREFECT_HOME; the tests would "
+                       "use the user's Prefect state")
+USER_PREFECT_HOME = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+for _name in [k for k in os.environ if k.startswith("PREFECT_")]:
+    del os.environ[_name]
+PREFECT_HOME = Path(tempfile.mkdtemp(prefix="a2k-tests-prefect-home-"))
+atexit.register(shutil.rmtree, PREFECT_HOME, True)
+os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 DATA = Path(__file__).resolve().parent / "data"
 ODD_IMAGES = DATA / "odd-images"  # Pillow's odd test images, in the repository (README there: origin, licence)
-# the photos still come from ../shared (CI has it; a clone does not): a set cut from photographs that ship with
-# scikit-learn made DALI's CPU decoder abort the test process once in three runs (bench/NOTES.md, "Test data")
-IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+# the real photographs the tests' photo set is cut from (tests/data/README.md): scikit-learn's two sample photos
+# (installed with it; CC BY 2.0, sklearn/datasets/images/README.txt) and two of Pillow's test photos in the odd corpus
+PHOTO_SOURCES = [Path(__import__("sklearn").__file__).parent / "datasets" / "images" / name
+                 for name in ("china.jpg", "flower.jpg")] + [ODD_IMAGES / "flower2.jpg", ODD_IMAGES / "hopper.jpg"]
+N_PHOTOS = 500
 
 
 def pytest_configure(config):
@@ -60,7 +83,7 @@ def prefect_server():
     """One temporary Prefect server (SQLite) for the whole session, as Prefect's testing guide does."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):  # a busy 2-core machine took over 120 s
         yield
 
 
@@ -72,11 +95,65 @@ def a2k_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+def _cut_photos():
+    """The tests' photos, one at a time, the same on every machine: JPEGs of ImageNet-like size (long side 320-512
+    px) cut from PHOTO_SOURCES by seeded crops, flips and scales, written at qualities 70-95, every 7th progressive,
+    every 5th 4:4:4, every 9th with an EXIF block. Yields (file name, encoded bytes)."""
+    import io
+
+    from PIL import Image
+
+    rng = random.Random(0)
+    sources = [Image.open(s).convert("RGB") for s in PHOTO_SOURCES]
+    for i in range(N_PHOTOS):
+        src = sources[i % len(sources)]
+        w, h = src.size
+        cw, ch = int(w * rng.uniform(0.55, 1.0)), int(h * rng.uniform(0.55, 1.0))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        photo = src.crop((x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        scale = rng.uniform(320, 512) / max(photo.size)
+        photo = photo.resize((max(8, round(photo.width * scale)), max(8, round(photo.height * scale))),
+                             Image.Resampling.BICUBIC)
+        options = {"quality": rng.randint(70, 95), "progressive": i % 7 == 3, "subsampling": 0 if i % 5 == 1 else 2}
+        if i % 9 == 4:
+            exif = Image.Exif()
+            exif[0x0131] = "a2k tests"  # Software
+            options["exif"] = exif.tobytes()
+        encoded = io.BytesIO()
+        photo.save(encoded, "JPEG", **options)
+        yield f"photo-{i:03d}-{PHOTO_SOURCES[i % len(PHOTO_SOURCES)].stem}.JPEG", encoded.getvalue()
+
+
+class _PhotoSet:
+    """The photos cut so far, in a folder of this process's (removed at exit); more are cut as tests ask."""
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.paths: list[Path] = []
+        self._cutter = _cut_photos()
+
+    def first(self, n: int) -> list[Path]:
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="a2k-test-photos-"))
+            atexit.register(shutil.rmtree, self.folder, True)
+        while len(self.paths) < n:
+            name, data = next(self._cutter)
+            (path := self.folder / name).write_bytes(data)
+            self.paths.append(path)
+        return self.paths[:n]
+
+
+_PHOTOS = _PhotoSet()
+
+
 def photo_paths(n: int) -> list[Path]:
-    paths = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[:n]
-    if len(paths) < n:
-        pytest.fail(f"expected {n} photos in {IMAGENET_SAMPLE}; found {len(paths)}")
-    return paths
+    """The first `n` of the tests' real photos (at most N_PHOTOS), as files; the same files for every test of the
+    session: copy them before changing them."""
+    if not 0 <= n <= N_PHOTOS:
+        pytest.fail(f"the tests' photo set has {N_PHOTOS} photos; {n} asked for")
+    return _PHOTOS.first(n)
 
 
 @pytest.fixture

@@ -223,9 +223,9 @@ class ImageDecoder:
         next batch. Close the generator (or run it to the end) before the decoder is used again.
 
         When it asks `batches` for batch n, at most `depth - 1` batches taken before are still held (in DALI,
-        or waiting behind one that is), none before n - `depth` (a filler, `_fill`, holds the bytes of the batch
-        it repeats): a caller reading batches into a ring of buffers may reuse the buffer of batch n - `depth` - 1
-        from then on."""
+        or waiting behind one that is), none before n - `depth` (a filler, `_fill`, holds a copy of the bytes of
+        the batch it repeats): a caller reading batches into a ring of buffers may reuse the buffer of batch
+        n - `depth` - 1 from then on."""
         pending: deque[_Batch] = deque()
         try:
             for blobs in batches:
@@ -284,11 +284,15 @@ class ImageDecoder:
             self._stream_failed(e, pending)
 
     def _fill(self, depth: int, pending: deque[_Batch]) -> None:
-        """At the end of a stream shorter than the pipeline's first run: feed the last batch again as filler
-        (its outputs are dropped) until that run can start."""
+        """Where the pipeline's first run waits for more batches than come (a short stream, or batches that skip
+        DALI): feed a copy of the last batch's bytes as filler (its outputs are dropped) until that run can start.
+        A copy, because a filler can stay in DALI after batches behind the one it repeats were taken, and the
+        caller may reuse that one's buffer by then (with depth 3, DALI decoded a filler of batch 0 from the bytes
+        of batch 4 and corrupted its heap: bench/NOTES.md, "Test data")."""
         last = next((b for b in reversed(pending) if b.in_stream), None)
+        copied = [bytes(b) for b in last.blobs] if last is not None else []
         while last is not None and self._stream is not None and self._stream_fed < depth:
-            pending.append(filler := _Batch(last.blobs, {}, last.to_dali, filler=True))
+            pending.append(filler := _Batch(copied, {}, last.to_dali, filler=True))
             self._feed(filler, depth, pending)
 
     def _finish_oldest(self, pending: deque[_Batch]) -> DecodedBatch | None:

@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 
-from tests.conftest import photo_paths
+from tests.conftest import PREFECT_HOME, photo_paths
 
 
 N_IMAGES = 150  # 50 shards of 3: enough that a kill after the third part lands mid-run on a busy machine
@@ -36,8 +36,10 @@ def _classify(photos, out, model, env, log):
 
 def test_a_run_killed_mid_way_finishes_only_the_rest_and_writes_each_image_once(many_photos, seed_model_dir, tmp_path):
     out = tmp_path / "out"
-    # the test harness's server URL is in our environment: the child starts its own, as from a user's shell
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    # without the test harness's server URL the child starts its own server, as from a user's shell; on the session's
+    # Prefect home (conftest), never the user's: HOME is a folder of the test's, whose .prefect must stay unmade
+    user_home = tmp_path / "user-home"
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "HOME": str(user_home)}
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     proc = _classify(many_photos, out, seed_model_dir, env, first_log)
     deadline = time.time() + 240
@@ -59,3 +61,4 @@ def test_a_run_killed_mid_way_finishes_only_the_rest_and_writes_each_image_once(
     assert len(df) == N_IMAGES and df["image_uri"].is_unique
     assert sorted(df["image_uri"]) == sorted(str(p) for p in many_photos.rglob("*.JPEG"))
     assert not [p for p in out.rglob(".*.tmp")], "half-written files of the killed run are cleared"
+    assert (PREFECT_HOME / "prefect.db").is_file() and not (user_home / ".prefect").exists()

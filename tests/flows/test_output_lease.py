@@ -100,11 +100,13 @@ def test_two_concurrent_processes_into_one_output_exactly_one_wins(tmp_path, see
     a = _photos(tmp_path / "a", 0, 240)
     inputs = [a, _photos(tmp_path / "b", 240, 240) if inputs == "different" else a]
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # each starts its own server
+    # each starts its own server, on a Prefect home of its own: two servers creating one new database at once race
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     procs = [subprocess.Popen([sys.executable, "-m", "a2k", "classify", str(src), str(out), "--model",
                                str(seed_model_dir), "--device", "cpu", "--shard-size", "1", "--batch-size", "1"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True) for src in inputs]
+                              env={**env, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for i, src in enumerate(inputs)]
     results = [p.communicate(timeout=500) for p in procs]
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 2], results

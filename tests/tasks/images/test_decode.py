@@ -104,7 +104,7 @@ def test_a_stream_decodes_each_batch_as_decode_does(depth, sizes):
 
 
 @pytest.mark.parametrize("depth", [2, 3])
-def test_a_stream_is_done_with_a_batch_s_bytes_depth_batches_later(depth):
+def test_a_stream_is_done_with_a_batch_s_bytes_depth_batches_later(depth, caplog):
     """The caller reads batch n into buffer n % (depth + 1) of a ring as the stream takes it (ShardClassifier's
     read arenas do): no batch is decoded from bytes a later one overwrote, also where batches with nothing for DALI
     (every file failed to read, or all go to Pillow) come behind one in DALI. (CI, 2026-12-01: three batches of
@@ -128,10 +128,47 @@ def test_a_stream_is_done_with_a_batch_s_bytes_depth_batches_later(depth):
                 blobs.append(Blob(data, reason) if reason else data)
             yield blobs
 
-    streamed = list(ImageDecoder(Preprocessing(), CPU, 2).decode_stream(given(copy=False), depth=depth))
+    with caplog.at_level("INFO", logger="tasks.images.decode"):
+        streamed = list(ImageDecoder(Preprocessing(), CPU, 2).decode_stream(given(copy=False), depth=depth))
+    # no batch failed in DALI: a stream that read bytes the ring overwrote fails that batch and decodes it again from
+    # the ring, which can hide the overwrite (or it corrupts DALI's heap: test_a_stream_holds_no_bytes_...)
+    assert "DALI failed" not in caplog.text
     assert len(streamed) == len(plan)
     for got, blobs in zip(streamed, given(copy=True)):
         _same(got, ImageDecoder(Preprocessing(), CPU, 2).decode(blobs))
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_a_stream_holds_no_bytes_of_a_batch_before_n_minus_depth_when_it_asks_for_batch_n(depth):
+    """The promise a read ring rests on, checked without depending on DALI's timing: each batch's bytes are objects
+    of their own, watched by weak references; when the stream asks for batch n, it holds none of batches up to
+    n - depth - 1. (2026-12-02: with depth 3, a filler repeating batch 0 was still in DALI when batch 4 was read into
+    batch 0's buffer; DALI decoded the new bytes against the old header and corrupted its heap, an abort of the test
+    process once in three suites.)"""
+    import gc
+    import weakref
+
+    from tasks.images.read import Blob
+
+    photos = [p.read_bytes() for p in photo_paths(9)]
+    pillow = "routed to Pillow by the test"
+    plan = [[0], [], [], [1, 2], [3], [(4, pillow)], [], [5], [6, (7, pillow)], [], [8], [], [], []]
+    watched: list[list[weakref.ref]] = []
+    still_held: list[tuple[int, int]] = []  # (batch asked for, earlier batch whose bytes were held)
+
+    def given():
+        for n, batch in enumerate(plan):
+            gc.collect()
+            still_held.extend((n, k) for k in range(n - depth) if any(ref() is not None for ref in watched[k]))
+            blobs = [Blob(memoryview(bytearray(photos[item[0]])), item[1]) if isinstance(item, tuple)
+                     else memoryview(bytearray(photos[item])) for item in batch]
+            watched.append([weakref.ref(b.data if isinstance(b, Blob) else b) for b in blobs])
+            yield blobs
+            del blobs
+
+    streamed = list(ImageDecoder(Preprocessing(), CPU, 2).decode_stream(given(), depth=depth))
+    assert len(streamed) == len(plan) and [b.ok for b in streamed][:4] == [[0], [], [], [0, 1]]
+    assert not still_held, still_held
 
 
 def test_a_stream_isolates_a_file_dali_fails_on_and_goes_on(truncated_jpeg, caplog):
