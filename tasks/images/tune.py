@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tasks.devices import Device
 from tasks.home import a2k_home
-from tasks.images.decode import MAX_DEFAULT_THREADS, ImageDecoder, default_threads
+from tasks.images.decode import ImageDecoder, default_threads
 from tasks.images.preprocess import Preprocessing
 from tasks.images.read import Blob, load_blobs
 
@@ -206,6 +206,6 @@ def decoder_defaults(device: Device, num_threads: int | None, hw_decoder_load: f
     c = profile.chosen
     applied = DecodeSettings(
         c.hw_decoder_load if hw_decoder_load is None else hw_decoder_load,
-        min(c.num_threads, default_threads(), MAX_DEFAULT_THREADS) if num_threads is None else num_threads,
+        min(c.num_threads, default_threads()) if num_threads is None else num_threads,
         c.batch_size if batch_size is None else batch_size)
     return applied, profile.describe() + (f"; given: {', '.join(given)}" if given else "")
