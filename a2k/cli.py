@@ -156,7 +156,8 @@ def _run(args: argparse.Namespace) -> Any:
         print()
         print(f"test accuracy (from the Parquet): {acc['accuracy']:.2%} ({acc['correct']}/{acc['labelled']})")
         print(f"classify throughput:             {r['images_per_second']} images/s")
-        print(f"model:                           {r['model']} (alias production) at {r['model_url']}")
+        print(f"model:                           {r['classified_with']} (alias production); trained {r['model']} at "
+              f"{r['model_url']}")
         print(f"predictions:                     {r['output']}")
     elif args.command == "compress":
         cli_compress.run(args)
