@@ -28,10 +28,10 @@ import tasks
 from tasks.classify.infer import MAX_AUTO_BATCH, Classifier, fit_batch_size, limit_gpu_memory
 from tasks.classify.output import Output, part_name
 from tasks.classify.plan import RunContext, ShardOutcome, read_shard_rows
-from tasks.classify.sink import ERROR_SCHEMA, PREDICTION_SCHEMA, write_part
+from tasks.classify.sink import ERROR_SCHEMA, PREDICTION_SCHEMA, mark_missing, write_part
 from tasks.devices import resolve_device
 from tasks.images.decode import STREAM_DEPTH, DecodedBatch, ImageDecoder, default_threads
-from tasks.images.manifest import Shard
+from tasks.images.manifest import NOT_FOUND, Shard
 from tasks.images.preprocess import Preprocessing
 from tasks.images.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
 from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders, read_processes_available
@@ -409,9 +409,10 @@ def classify_shard(shard: Shard, out: Output, key: str, worker: ShardClassifier,
 
     The predictions part is the shard's commit: once it exists, the shard is done.
     """
-    rows = read_shard_rows(out, shard, columns=["uri", "label"])
+    rows = read_shard_rows(out, shard, columns=["uri", "label", "mtime_ns"])
     uris = rows.column("uri").to_pylist()
     predictions, errors, timing = worker.run(uris, rows.column("label").to_pylist(), ctx)
+    errors = mark_missing(errors, {u for u, m in zip(uris, rows.column("mtime_ns").to_pylist()) if m == NOT_FOUND})
     t0 = time.perf_counter()
     if errors.num_rows:
         write_part(errors, out, part_name(key), errors=True)

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.classify.output import Output, is_part, is_temporary
+from tasks.images.read import ErrorKind
 from tasks.storage import listdir_names, write_atomic, write_parquet_at
 
 PREDICTION_SCHEMA = pa.schema(
@@ -40,6 +41,24 @@ ERROR_SCHEMA = pa.schema(
         pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
+
+def mark_missing(errors: pa.Table, missing: set[str]) -> pa.Table:
+    """`errors` with each `vanished` row of a uri in `missing` (a manifest's uri found nowhere when the manifest
+    was read: `tasks.images.manifest.NOT_FOUND`) made a `missing` row: it never vanished, it was never there."""
+    if not missing or not errors.num_rows:
+        return errors
+    hit = pc.and_(pc.equal(errors.column("kind"), ErrorKind.VANISHED.value),
+                  pc.is_in(errors.column("image_uri"), pa.array(sorted(missing), pa.string())))
+    if not pc.any(hit).as_py():
+        return errors
+    reason = "no file or object at this uri: the manifest names it, but it was not there when the manifest was read"
+    columns = {"kind": pc.if_else(hit, ErrorKind.MISSING.value, errors.column("kind")),
+               "reason": pc.if_else(hit, reason, errors.column("reason"))}
+    for name, values in columns.items():
+        i = errors.schema.get_field_index(name)
+        errors = errors.set_column(i, errors.schema.field(i), values)
+    return errors
+
 
 def write_part(table: pa.Table, out: Output, name: str, errors: bool = False) -> str:
     """Write `table` as the part `name` (errors=True: the errors part) so it appears only complete (local:

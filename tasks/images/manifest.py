@@ -5,27 +5,25 @@ A source is a local folder, an object-store prefix (`s3://bucket/prefix`) or a P
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import os
+import posixpath
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 
+from tasks.images.listing import describe_suffixes, etag_of, modified_ns, walk_folder, walk_objects
 from tasks.images.names import missing_uri, path_of_uri, uri_of_path, uri_refusal
-from tasks.storage import filesystem, full_url, is_url, object_paths, read_parquet, redact, sha256_of, write_parquet
+from tasks.storage import is_url, object_paths, read_parquet, sha256_of, write_parquet
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -37,39 +35,42 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+NOT_FOUND = -1  # the mtime_ns of a manifest uri with no file or object behind it when the manifest was read
+_NAMED = 3  # uris a warning names before it says how many more
 SKIPPED_KEY = b"a2k.skipped"  # the manifest's schema metadata: what the folder listing skipped, by kind
-
-
-def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
 def list_images(source: str | os.PathLike) -> pa.Table:
     """A manifest of every image under a folder or an object-store prefix (recursively), or the rows of a
-    Parquet manifest. What a folder or prefix holds besides images is counted by kind (`skipped_counts`).
+    Parquet manifest. What a folder or prefix holds besides images (and a manifest's duplicated uris) is counted
+    by kind (`skipped_counts`).
 
     A tree laid out as `<root>/<class>/<file>` gives each file its class as `label`; files at
     other depths get a null label. Rows are sorted by uri, so the same tree gives the same manifest.
     """
     if str(source).lower().endswith(".parquet"):
         return read_manifest(source)
-    if is_url(source):
-        return _list_objects(str(source))
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"input {str(source)!r} does not exist; give a folder of images or a .parquet manifest")
-    if path.is_file():
-        if path.suffix.lower() != ".parquet":
-            raise ValueError(f"input {str(source)!r} is a file but not a .parquet manifest; give a folder or a manifest")
-        return read_manifest(path)
-    rows: dict[str, list] = {"uri": [], "bytes": [], "mtime_ns": [], "label": []}
     skipped: Counter[str] = Counter()
-    for folder_rows in _walk_folders(str(path.resolve()), skipped):
-        for key, values in zip(("uri", "bytes", "mtime_ns", "label"), folder_rows):
-            rows[key] += values
-    rows["etag"] = [None] * len(rows["uri"])
+    if is_url(source):
+        rows = walk_objects(str(source), skipped)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"input {str(source)!r} does not exist; give a folder of images or a .parquet manifest")
+        if path.is_file():
+            if path.suffix.lower() != ".parquet":
+                raise ValueError(f"input {str(source)!r} is a file but not a .parquet manifest; give a folder or a manifest")
+            return read_manifest(path)
+        rows = walk_folder(str(path.resolve()), skipped)
     return with_skipped(sort_manifest(pa.table(rows, schema=MANIFEST_SCHEMA)), skipped)
+
+
+def nothing_listed(source: str | os.PathLike) -> str:
+    """The warning for a listing of no image: what was looked at and what was looked for."""
+    if str(source).lower().endswith(".parquet"):
+        return f"nothing listed: the manifest {str(source)!r} has no rows; the output is an empty dataset"
+    return (f"nothing listed: no file under {str(source)!r} has an image suffix ({describe_suffixes()}, any case); "
+            "the output is an empty dataset")
 
 
 def with_skipped(table: pa.Table, skipped: Counter[str] | dict[str, int]) -> pa.Table:
@@ -79,7 +80,7 @@ def with_skipped(table: pa.Table, skipped: Counter[str] | dict[str, int]) -> pa.
 
 
 def skipped_counts(table: pa.Table) -> dict[str, int]:
-    """What `with_skipped` recorded, most first (empty for a Parquet manifest: its rows are the images)."""
+    """What `with_skipped` recorded, most first (for a Parquet manifest: only its duplicated uris, if any)."""
     counts = json.loads((table.schema.metadata or {}).get(SKIPPED_KEY, b"{}"))
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -92,144 +93,33 @@ def describe_skipped(counts: dict[str, int]) -> str:
     return f"skipped {total} file{'s' if total != 1 else ''}: " + ", ".join(f"{k} {n}" for k, n in counts.items())
 
 
-def _walk_folders(root: str, skipped: Counter[str]) -> Iterator[tuple[list, list, list, list]]:
-    """The images of each folder under `root` (uris, sizes, mtimes, labels). Hidden files are skipped; links
-    to folders are not followed (as `os.walk` does); a file that vanishes while listed was never part of the
-    run; a subfolder that cannot be read is logged and skipped. Each skipped entry is counted in `skipped` by
-    why: its suffix ('.txt', 'no suffix'), 'hidden', 'dangling symlink', 'symlink loop', 'link to a folder',
-    'vanished while listed', 'unreadable folder', 'stat failed'."""
-    stack = [(root, 0)]
-    while stack:
-        folder, depth = stack.pop()
-        files, subfolders = _list_folder(folder, depth, skipped)
-        stack += [(sub, depth + 1) for sub in subfolders]  # any order: the manifest is sorted at the end
-        if files[0]:
-            yield files
-
-
-def _list_folder(folder: str, depth: int, skipped: Counter[str]) -> tuple[tuple[list, list, list, list], list[str]]:
-    """One folder's images (uris, sizes, mtimes, labels; os.scandir and plain strings, faster than pathlib:
-    bench/NOTES.md, variant 12) and its subfolders; what it skips is counted in `skipped`."""
-    uris: list[str] = []
-    sizes: list[int] = []
-    mtimes: list[int] = []
-    subfolders: list[str] = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError as e:
-        if depth == 0:
-            raise
-        log.warning("skipped folder %s: %s", folder, e.strerror or e)
-        skipped["unreadable folder"] += 1
-        entries = []
-    for entry in entries:
-        if entry.is_symlink() and (why := _broken_link(entry.path)):  # before is_dir, which raises on a loop
-            skipped[why] += 1
-            continue
-        if entry.is_dir():
-            if not entry.is_symlink():
-                subfolders.append(entry.path)
-            else:
-                skipped["link to a folder"] += 1
-            continue
-        if why := _skipped_name(entry.name):
-            skipped[why] += 1
-            continue
-        try:
-            st = entry.stat()
-        except FileNotFoundError:  # vanished while listing: never part of this run
-            skipped["vanished while listed"] += 1
-            continue
-        except OSError as e:
-            log.warning("skipped %s: %s", uri_of_path(entry.path), e.strerror or e)
-            skipped["stat failed"] += 1
-            continue
-        uris.append(uri_of_path(entry.path))  # a name that is not UTF-8 is escaped, not a failed run
-        sizes.append(st.st_size)
-        mtimes.append(st.st_mtime_ns)
-    label = uri_of_path(os.path.basename(folder)) if depth == 1 else None
-    return (uris, sizes, mtimes, [label] * len(uris)), subfolders
-
-
-def _broken_link(path: str) -> str | None:
-    try:
-        os.stat(path)
-    except FileNotFoundError:
-        return "dangling symlink"
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return "symlink loop"
-        log.warning("skipped %s: %s", uri_of_path(path), e.strerror or e)
-        return "stat failed"
-    return None
-
-
-def _skipped_name(name: str) -> str | None:
-    """Why a file (or object) of this name is no image of the run, or None when it is listed."""
-    if name.startswith("."):
-        return "hidden"
-    if not _is_image(name):
-        return os.path.splitext(name)[1].lower() or "no suffix"
-    return None
-
-
-def _list_objects(source: str) -> pa.Table:
-    """The images under an object-store prefix, from one recursive listing (paginated by the store)."""
-    fs, root = filesystem(source)
-    expected = "give a prefix of images or a .parquet manifest"
-    try:
-        found = fs.find(root, detail=True)
-    except FileNotFoundError as e:  # e.g. no such bucket
-        raise FileNotFoundError(f"input {source!r} does not exist ({redact(str(e))}); {expected}") from None
-    if root in found:
-        raise ValueError(f"input {source!r} is an object but not a .parquet manifest; {expected}")
-    if not found:
-        raise FileNotFoundError(f"input {source!r} does not exist (no object under it); {expected}")
-    rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
-    skipped: Counter[str] = Counter()
-    for path, info in found.items():
-        relative = path[len(root) + 1 :]
-        name = relative.rsplit("/", 1)[-1]
-        if info.get("type") != "file" or not name:  # a folder, or a folder marker (a key ending in /)
-            continue
-        if why := _skipped_name(name):
-            skipped[why] += 1
-            continue
-        rows["uri"].append(full_url(fs, path))
-        rows["bytes"].append(info["size"])
-        rows["mtime_ns"].append(_modified_ns(info))
-        rows["label"].append(relative.split("/", 1)[0] if relative.count("/") == 1 else None)
-        rows["etag"].append(_etag(info))
-    return with_skipped(sort_manifest(pa.table(rows, schema=MANIFEST_SCHEMA)), skipped)
-
-
-def _modified_ns(info: dict[str, Any]) -> int:
-    """An object's LastModified as nanoseconds since the epoch, as `st_mtime_ns` is for a file."""
-    stamp = info.get("LastModified")
-    return (stamp - _EPOCH) // timedelta(microseconds=1) * 1000 if isinstance(stamp, datetime) else 0
-
-
-def _etag(info: dict[str, Any]) -> str | None:
-    etag = info.get("ETag")
-    return str(etag).strip('"') if etag else None
-
-
 def read_manifest(path: str | os.PathLike) -> pa.Table:
     """Read a Parquet manifest: it needs a `uri` column; `label`, `bytes`, `mtime_ns` and `etag` are optional.
 
-    Missing sizes and times are read from the files (or objects), so a plain list of paths is a valid manifest.
+    Missing sizes and times are read from the files (or objects), so a plain list of paths is a valid manifest;
+    a uri found nowhere then gets `mtime_ns` NOT_FOUND (its row becomes a `missing` error, not a failed run).
+    A relative path is resolved against the manifest's own folder (or prefix), and `file:///abs/path` is the
+    plain path `/abs/path`. A uri given more than once is kept once (its first row) and the others are counted
+    in `skipped_counts` as 'duplicate uri' and named in the log.
     """
     table = read_parquet(path)
     given = set(table.column_names)
     if "uri" not in given:
         raise ValueError(f"manifest {str(path)!r} has no 'uri' column; it has: {', '.join(table.column_names)}")
-    uris = [_manifest_uri(u, row) for row, u in enumerate(table.column("uri").to_pylist())]
+    base = str(path) if is_url(path) else os.path.dirname(os.path.abspath(path))
+    if is_url(path):
+        base = base.rsplit("/", 1)[0]
+    uris = [_manifest_uri(u, row, base) for row, u in enumerate(table.column("uri").to_pylist())]
+    first = _first_rows(uris, path)
+    duplicates = len(uris) - len(first)
+    if duplicates:
+        table, uris = table.take(first), [uris[i] for i in first]
     read = [u for u in uris if uri_refusal(u) is None]  # null, empty, http:// ...: error rows, never read
     schemes = {u.split("://", 1)[0].lower() if is_url(u) else "a local path" for u in read}
     if len(schemes) > 1:
         raise ValueError(
             f"manifest {str(path)!r} mixes uri schemes ({', '.join(sorted(schemes))}); its uris must all be "
-            "local paths or all in one store"
+            "local paths (or file:// uris) or all in one store"
         )
 
     def column(name: str) -> list:
@@ -241,45 +131,96 @@ def read_manifest(path: str | os.PathLike) -> pa.Table:
         sizes, mtimes, found_etags = ([found.get(u, (0, 0, None))[k] for u in uris] for k in range(3))
         if "etag" not in given:
             etags = found_etags
+        _warn_not_found([u for u, m in zip(uris, mtimes) if m == NOT_FOUND], path)
     labels = [None if v is None else str(v) for v in column("label")]
     etags = [None if v is None else str(v) for v in etags]
     columns = {"uri": uris, "bytes": sizes, "mtime_ns": mtimes, "label": labels, "etag": etags}
-    return sort_manifest(pa.table(columns, schema=MANIFEST_SCHEMA))
+    manifest = sort_manifest(pa.table(columns, schema=MANIFEST_SCHEMA))
+    return with_skipped(manifest, {"duplicate uri": duplicates} if duplicates else {})
 
 
-def _manifest_uri(uri: Any, row: int) -> str:
-    """A manifest's uri as a string; a null or empty one gets a stand-in naming its row (an `invalid_uri` error
-    row), never the string 'None'."""
+def _first_rows(uris: list[str], path: str | os.PathLike) -> list[int]:
+    """The row of each uri's first appearance, in order; the rows repeating one are logged (the first few named)."""
+    seen: dict[str, int] = {}
+    repeated: Counter[str] = Counter()
+    for row, uri in enumerate(uris):
+        if uri in seen:
+            repeated[uri] += 1
+        else:
+            seen[uri] = row
+    if repeated:
+        log.warning("manifest %s lists %d uri(s) more than once: %s; each is classified once (its first row), "
+                    "%d repeated row(s) skipped", path, len(repeated),
+                    _name_few([f"{u!r} ({n + 1} times)" for u, n in repeated.items()]), sum(repeated.values()))
+    return sorted(seen.values())
+
+
+def _name_few(items: list[str]) -> str:
+    return ", ".join(items[:_NAMED]) + (f" and {len(items) - _NAMED} more" if len(items) > _NAMED else "")
+
+
+def _warn_not_found(uris: list[str], path: str | os.PathLike) -> None:
+    if uris:
+        log.warning("manifest %s names %d uri(s) with no file or object behind them: %s; each is an error row of "
+                    "kind 'missing'", path, len(uris), _name_few([repr(u) for u in uris]))
+
+
+def _manifest_uri(uri: Any, row: int, base: str) -> str:
+    """A manifest's uri as the run reads it: a null or empty one gets a stand-in naming its row (an `invalid_uri`
+    error row), never the string 'None'; `file:///p` (or `file://localhost/p`) is the path /p; a relative path
+    is joined to `base`, the manifest's folder (or its prefix in a store)."""
     if uri is None:
         return missing_uri(row, "null")
     uri = str(uri)
-    return uri if uri.strip() else missing_uri(row, "empty")
+    if not uri.strip():
+        return missing_uri(row, "empty")
+    if uri[:7].lower() == "file://":
+        rest = uri[7:].removeprefix("localhost")
+        if rest.startswith("/"):  # file://host/... names another machine: refused per row as unsupported
+            return uri_of_path(unquote(rest, errors="surrogateescape"))
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    if is_url(base):
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(f'{rest}/{uri}')}"
+    return os.path.normpath(os.path.join(base, uri))
 
 
 def _stat_all(uris: list[str]) -> tuple[list[int], list[int], list[str | None]]:
-    """Size, mtime and ETag of each uri; 0, 0 and null where it cannot be had (decoding records why)."""
+    """Size, mtime and ETag of each uri: 0, NOT_FOUND and null where there is no such file or object, 0, 0 and
+    null where it cannot be had otherwise (the read then says why)."""
     if not uris or not is_url(uris[0]):
         stats = [_stat_or_none(u) for u in uris]
-        return [s.st_size if s else 0 for s in stats], [s.st_mtime_ns if s else 0 for s in stats], [None] * len(uris)
+        return ([s.st_size if isinstance(s, os.stat_result) else 0 for s in stats],
+                [s.st_mtime_ns if isinstance(s, os.stat_result) else s for s in stats], [None] * len(uris))
     fs, paths = object_paths(uris)
 
-    def info(path: str) -> dict[str, Any] | None:
+    def info(path: str) -> dict[str, Any] | int:
         try:
-            return fs.info(path)
-        except OSError:  # the decode step records it as vanished or unreadable
-            return None
+            found = fs.info(path)
+        except FileNotFoundError:
+            return NOT_FOUND
+        except OSError:  # the read records it as unreadable
+            return 0
+        return found if found.get("type") == "file" else NOT_FOUND  # a prefix: no object of that name
 
     with ThreadPoolExecutor(max_workers=16, thread_name_prefix="a2k-stat") as pool:  # one HEAD per object
         infos = list(pool.map(info, paths))
-    return ([i["size"] if i else 0 for i in infos], [_modified_ns(i) if i else 0 for i in infos],
-            [_etag(i) if i else None for i in infos])
+    return ([i["size"] if isinstance(i, dict) else 0 for i in infos],
+            [modified_ns(i) if isinstance(i, dict) else i for i in infos],
+            [etag_of(i) if isinstance(i, dict) else None for i in infos])
 
 
-def _stat_or_none(uri: str) -> os.stat_result | None:
+def _stat_or_none(uri: str) -> os.stat_result | int:
+    """The file's stat, or NOT_FOUND, or 0 where it cannot be had otherwise (the read says why)."""
     try:
         return os.stat(path_of_uri(uri))
-    except OSError:  # the decode step records it as vanished or unreadable
-        return None
+    except FileNotFoundError:
+        return NOT_FOUND
+    except OSError:
+        return 0
+
+
 
 
 def sort_manifest(table: pa.Table) -> pa.Table:

@@ -37,7 +37,8 @@ class ErrorKind(str, Enum):
     TOO_LARGE = "too_large"
     UNSUPPORTED = "unsupported"
     UNREADABLE = "unreadable"
-    VANISHED = "vanished"
+    VANISHED = "vanished"  # listed, then gone when it was read
+    MISSING = "missing"  # a manifest's uri with no file or object behind it, from the listing on
     INVALID_URI = "invalid_uri"
 
 

@@ -7,7 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.images.manifest import describe_skipped, list_images, make_shards, skipped_counts, write_manifest
+from PIL import Image
+
+from tasks.images.listing import image_suffixes
+from tasks.images.manifest import NOT_FOUND, describe_skipped, list_images, make_shards, skipped_counts, write_manifest
 from tasks.images.read import Blob, Failure, load_blobs
 from tests.conftest import photo_paths
 
@@ -71,6 +74,7 @@ def test_a_subfolder_that_cannot_be_read_is_logged_and_the_rest_listed(tmp_path,
     table = list_images(tmp_path)
     assert [os.path.basename(u) for u in table.column("uri").to_pylist()] == ["a.jpg"]
     assert "skipped folder" in caplog.text and "locked: Permission denied" in caplog.text
+    assert skipped_counts(table) == {"unreadable folder": 1}
 
 
 def test_label_comes_from_the_class_folder_only_at_class_depth(tmp_path):
@@ -104,7 +108,6 @@ def test_manifest_round_trip_keeps_labels(tmp_path, photos_dir):
         (lambda p: p / "missing", "does not exist"),
         (lambda p: (p / "a.txt").write_text("x") and p / "a.txt", "not a .parquet manifest"),
         (lambda p: pq.write_table(pa.table({"path": ["a"]}), p / "m.parquet") or p / "m.parquet", "no 'uri' column"),
-        (lambda p: pq.write_table(pa.table({"uri": ["a", "a"]}), p / "d.parquet") or p / "d.parquet", "more than once"),
     ],
 )
 def test_bad_inputs_are_refused_with_the_reason(tmp_path, make, message):
@@ -155,3 +158,57 @@ def test_a_null_or_empty_uri_and_an_http_uri_are_error_rows_and_nothing_is_fetch
         assert failures == {u: ("unsupported", "uri scheme 'http' is not read; allowed: local paths and s3://")
                             for u in uris}
     assert http_server.requests == []
+
+
+def test_a_folder_listing_picks_up_every_suffix_pillow_opens_and_each_such_file_ends_as_a_blob_or_a_row(tmp_path):
+    registered = {e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    assert {".gif", ".ico", ".tga", ".ppm", ".jpg", ".png"} <= image_suffixes() <= registered | {".mpo"}
+    assert not {".pdf", ".mpg", ".h5", ".grib"} & image_suffixes()  # save-only, identify-only, stubs: no pixels
+    picture = Image.new("RGB", (40, 30), (200, 30, 30))
+    for name in ("a.gif", "b.ICO", "c.tga", "d.ppm"):
+        picture.save(tmp_path / name)
+    for name in ("e.pdf", "f.mpg", "g.h5"):
+        _touch(tmp_path / name)
+    table = list_images(tmp_path)
+    uris = table.column("uri").to_pylist()
+    assert [os.path.basename(u) for u in uris] == ["a.gif", "b.ICO", "c.tga", "d.ppm"]
+    assert skipped_counts(table) == {".h5": 1, ".mpg": 1, ".pdf": 1}
+    with ThreadPoolExecutor(2) as pool:
+        blobs = dict(zip((os.path.basename(u) for u in uris), load_blobs(uris, pool)))
+    assert blobs["a.gif"].pillow_reason.startswith("GIF") and isinstance(blobs["d.ppm"], Blob)
+    assert {n: (b.kind.value, b.message.split(";")[0]) for n, b in blobs.items() if isinstance(b, Failure)} == {
+        "b.ICO": ("unsupported", "format ICO is not decoded"), "c.tga": ("unsupported", "format TGA is not decoded")}
+
+
+def test_a_manifest_keeps_a_duplicated_uri_once_counts_the_rest_and_names_them(tmp_path, caplog):
+    a, b = str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")
+    _touch(tmp_path / "a.jpg")
+    _touch(tmp_path / "b.jpg")
+    uris = [a, b, a, a, b, f"file://{a}"]
+    pq.write_table(pa.table({"uri": uris, "label": ["x", "y", "z", "z", "y", "w"]}), tmp_path / "m.parquet")
+    table = list_images(tmp_path / "m.parquet")
+    assert table.column("uri").to_pylist() == [a, b] and table.column("label").to_pylist() == ["x", "y"]  # first rows
+    assert skipped_counts(table) == {"duplicate uri": 4}
+    assert describe_skipped(skipped_counts(table)) == "skipped 4 files: duplicate uri 4"
+    assert f"lists 2 uri(s) more than once: {a!r} (4 times), {b!r} (2 times)" in caplog.text
+
+
+def test_manifest_paths_resolve_against_its_folder_and_file_uris_are_plain_paths(tmp_path, monkeypatch):
+    for rel in ("photos/cat/a.jpg", "photos/b c.jpg", "lists/c.jpg"):
+        _touch(tmp_path / rel)
+    uris = ["../photos/cat/a.jpg", f"file://{tmp_path}/photos/b%20c.jpg", "c.jpg", f"file://localhost{tmp_path}/lists/c.jpg"]
+    pq.write_table(pa.table({"uri": uris}), tmp_path / "lists" / "m.parquet")
+    monkeypatch.chdir(tmp_path / "photos" / "cat")  # the current folder plays no part
+    table = list_images(tmp_path / "lists" / "m.parquet")
+    assert table.column("uri").to_pylist() == [f"{tmp_path}/lists/c.jpg", f"{tmp_path}/photos/b c.jpg",
+                                                f"{tmp_path}/photos/cat/a.jpg"]
+    assert table.column("bytes").to_pylist() == [1, 1, 1] and NOT_FOUND not in table.column("mtime_ns").to_pylist()
+    assert skipped_counts(table) == {"duplicate uri": 1}  # c.jpg, given as a relative path and as a file:// uri
+
+
+def test_a_manifest_uri_with_no_file_is_marked_not_found_and_named_in_the_log(tmp_path, caplog):
+    _touch(tmp_path / "a.jpg")
+    pq.write_table(pa.table({"uri": [str(tmp_path / "a.jpg"), "/no/such/never.jpg"]}), tmp_path / "m.parquet")
+    table = list_images(tmp_path / "m.parquet")
+    assert dict(zip(table.column("uri").to_pylist(), table.column("mtime_ns").to_pylist()))["/no/such/never.jpg"] == NOT_FOUND
+    assert "names 1 uri(s) with no file or object behind them: '/no/such/never.jpg'" in caplog.text

@@ -1,0 +1,178 @@
+"""Walk a folder or an object-store prefix for the images a run classifies, and count by kind everything else it
+finds there, so nothing in the input goes unmentioned (the manifest is built from this in `tasks.images.manifest`).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from PIL import Image, ImageFile
+
+from tasks.images.names import uri_of_path
+from tasks.images.read import DALI_FORMATS, PILLOW_FORMATS
+from tasks.storage import filesystem, full_url, redact
+
+log = logging.getLogger(__name__)
+
+Rows = dict[str, list]  # the manifest's columns: uri, bytes, mtime_ns, label, etag
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# Pillow registers these but only names them: MPEG reads a video's header, a stub (BUFR, GRIB, HDF5) needs a
+# handler an application installs; neither gives pixels, so such files are counted as skipped, not listed
+_IDENTIFY_ONLY = frozenset({"MPEG"})
+
+
+@functools.cache
+def image_suffixes() -> frozenset[str]:
+    """Every file suffix Pillow opens as an image (its registered extensions: `.gif`, `.ico`, `.tga`, ...), and
+    those of the formats a2k decodes. The header check decides what each file is (a format DALI and Pillow cannot
+    decode for the model is an `unsupported` row naming it), so a listed file always ends as a row."""
+    decoded = DALI_FORMATS | PILLOW_FORMATS
+    return frozenset(
+        ext.lower() for ext, fmt in Image.registered_extensions().items()
+        if fmt in decoded or (fmt in Image.OPEN and fmt not in _IDENTIFY_ONLY and not _is_stub(fmt))
+    )
+
+
+def _is_stub(fmt: str) -> bool:
+    factory = Image.OPEN[fmt][0]
+    return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+
+
+def describe_suffixes() -> str:
+    """The suffixes a listing picks up, for a warning that it found none: '.apng .avif ... .xpm'."""
+    return " ".join(sorted(image_suffixes()))
+
+
+def skipped_name(name: str) -> str | None:
+    """Why a file (or object) of this name is no image of the run, or None when it is listed: 'hidden' (a name
+    starting with '.'), else its suffix ('.txt', '.gz' for `photo.jpeg.gz`) or 'no suffix'."""
+    if name.startswith("."):
+        return "hidden"
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix in image_suffixes():
+        return None
+    return suffix or "no suffix"
+
+
+def walk_folder(root: str, skipped: Counter[str]) -> Rows:
+    """The images under the folder `root`, recursively (uri, bytes, mtime_ns, label; etag null). Hidden files are
+    skipped; links to files are followed wherever they lead (also outside `root`); links to folders are not (as
+    `os.walk` does); a file that vanishes while listed was never part of the run; a subfolder that cannot be read
+    is logged and skipped. Each skipped entry is counted in `skipped` by why: its suffix ('.txt', 'no suffix'),
+    'hidden', 'dangling symlink', 'symlink loop', 'link to a folder', 'vanished while listed', 'unreadable
+    folder', 'stat failed'."""
+    rows: Rows = {"uri": [], "bytes": [], "mtime_ns": [], "label": []}
+    stack = [(root, 0)]
+    while stack:
+        folder, depth = stack.pop()
+        files, subfolders = _list_folder(folder, depth, skipped)
+        stack += [(sub, depth + 1) for sub in subfolders]  # any order: the manifest is sorted at the end
+        for key, values in zip(("uri", "bytes", "mtime_ns", "label"), files):
+            rows[key] += values
+    rows["etag"] = [None] * len(rows["uri"])
+    return rows
+
+
+def _list_folder(folder: str, depth: int, skipped: Counter[str]) -> tuple[tuple[list, list, list, list], list[str]]:
+    """One folder's images (uris, sizes, mtimes, labels; os.scandir and plain strings, faster than pathlib:
+    bench/NOTES.md, variant 12) and its subfolders; what it skips is counted in `skipped`."""
+    uris: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    subfolders: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as e:
+        if depth == 0:
+            raise
+        log.warning("skipped folder %s: %s", folder, e.strerror or e)
+        skipped["unreadable folder"] += 1
+        entries = []
+    for entry in entries:
+        if entry.is_symlink() and (why := _broken_link(entry.path)):  # before is_dir, which raises on a loop
+            skipped[why] += 1
+            continue
+        if entry.is_dir():
+            if not entry.is_symlink():
+                subfolders.append(entry.path)
+            else:
+                skipped["link to a folder"] += 1
+            continue
+        if why := skipped_name(entry.name):
+            skipped[why] += 1
+            continue
+        try:
+            st = entry.stat()
+        except FileNotFoundError:  # vanished while listing: never part of this run
+            skipped["vanished while listed"] += 1
+            continue
+        except OSError as e:
+            log.warning("skipped %s: %s", uri_of_path(entry.path), e.strerror or e)
+            skipped["stat failed"] += 1
+            continue
+        uris.append(uri_of_path(entry.path))  # a name that is not UTF-8 is escaped, not a failed run
+        sizes.append(st.st_size)
+        mtimes.append(st.st_mtime_ns)
+    label = uri_of_path(os.path.basename(folder)) if depth == 1 else None
+    return (uris, sizes, mtimes, [label] * len(uris)), subfolders
+
+
+def _broken_link(path: str) -> str | None:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "dangling symlink"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        log.warning("skipped %s: %s", uri_of_path(path), e.strerror or e)
+        return "stat failed"
+    return None
+
+
+def walk_objects(source: str, skipped: Counter[str]) -> Rows:
+    """The images under an object-store prefix, from one recursive listing (paginated by the store); what else
+    is there is counted in `skipped` as `skipped_name` says."""
+    fs, root = filesystem(source)
+    expected = "give a prefix of images or a .parquet manifest"
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError as e:  # e.g. no such bucket
+        raise FileNotFoundError(f"input {source!r} does not exist ({redact(str(e))}); {expected}") from None
+    if root in found:
+        raise ValueError(f"input {source!r} is an object but not a .parquet manifest; {expected}")
+    if not found:
+        raise FileNotFoundError(f"input {source!r} does not exist (no object under it); {expected}")
+    rows: Rows = {name: [] for name in ("uri", "bytes", "mtime_ns", "label", "etag")}
+    for path, info in found.items():
+        relative = path[len(root) + 1 :]
+        name = relative.rsplit("/", 1)[-1]
+        if info.get("type") != "file" or not name:  # a folder, or a folder marker (a key ending in /)
+            continue
+        if why := skipped_name(name):
+            skipped[why] += 1
+            continue
+        rows["uri"].append(full_url(fs, path))
+        rows["bytes"].append(info["size"])
+        rows["mtime_ns"].append(modified_ns(info))
+        rows["label"].append(relative.split("/", 1)[0] if relative.count("/") == 1 else None)
+        rows["etag"].append(etag_of(info))
+    return rows
+
+
+def modified_ns(info: dict[str, Any]) -> int:
+    """An object's LastModified as nanoseconds since the epoch, as `st_mtime_ns` is for a file."""
+    stamp = info.get("LastModified")
+    return (stamp - _EPOCH) // timedelta(microseconds=1) * 1000 if isinstance(stamp, datetime) else 0
+
+
+def etag_of(info: dict[str, Any]) -> str | None:
+    etag = info.get("ETag")
+    return str(etag).strip('"') if etag else None
