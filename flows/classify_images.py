@@ -26,6 +26,7 @@ from tasks.classify.output import Output, part_name
 from tasks.classify.plan import PlannedShard, RunContext, RunPlan, ShardOutcome, plan_run, resumed_outcome
 from tasks.classify.prefect_tasks import classify_shard_task
 from tasks.devices import resolve_device
+from tasks.images.manifest import nothing_listed
 from tasks.images.prefect_tasks import list_images_task
 from tasks.models.compiled import check_runs_here
 from tasks.models.entry import WeightsFormat, read_entry, verify_weights
@@ -106,6 +107,8 @@ def classify_images(
                  "source (their rows dropped)%s", listed, d.new, d.changed, d.unchanged, d.retried, d.removed,
                  " — full run: the dataset starts over" if full else "")
         list_seconds = time.perf_counter() - t0
+        if not listed:
+            log.warning(nothing_listed(input))
 
         # on Dask each worker is pinned to its own card (dask-cuda) or is another machine: it uses its first card
         task_device = str(dev) if task_runner is TaskRunnerKind.LOCAL or not dev.is_cuda else "cuda"
@@ -137,8 +140,10 @@ def classify_images(
                               description=f"shards of this run: {summary['processed_this_run']} images classified, "
                                           f"{d.unchanged} unchanged images skipped")
         log.info(
-            "%d images: %d predicted, %d errors, %s images/s; predictions in %s",
-            listed, summary["predicted"], summary["errors"], summary["images_per_second"], output,
+            "%d images: %d predicted, %d errors, %s; predictions in %s",
+            listed, summary["predicted"], summary["errors"],
+            f"{summary['images_per_second']} images/s" if summary["images_per_second"] is not None
+            else "none classified in this run", output,
         )
         return summary
     finally:

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from tasks.classify.output import ERRORS_DIR, Output
 from tasks.classify.plan import RunContext, RunPlan, ShardOutcome
-from tasks.classify.sink import committed_parts, read_error_rows, read_part_rows, write_run_marker
+from tasks.classify.sink import committed_parts, read_error_rows, read_part_rows, settle_empty_parts, write_run_marker
 from tasks.classify.state import RunState, remove_state, state_rows, write_state
 from tasks.images.manifest import describe_skipped, skipped_counts
 from tasks.storage import read_parquet_at
@@ -77,6 +77,7 @@ def commit_run(
         raise RuntimeError(f"{listed} images listed but {predicted} predicted + {errors} errors: nothing committed")
     _check_parts_hold(out, images)
     parts = committed_parts(out)
+    settle_empty_parts(out)  # no part of a table: an empty file of its schema instead, so readers do not raise
     state_url = write_state(out, RunState(plan.input, plan.settings_key, plan.base_generation + 1, images))
     d = plan.delta
     processed = sum(o.predicted + o.errors for o in outcomes if not o.resumed)

@@ -3,6 +3,8 @@
 Read as one dataset by pandas, polars, DuckDB and Spark, which skip names that start with '_' or '.':
     <output>/part-<key>.parquet              predictions, one part per shard
     <output>/_errors/part-<key>.parquet      images without a prediction, with the reason
+    <output>/empty.parquet                   no rows, the predictions' schema: there only while no part is
+    <output>/_errors/empty.parquet           the same for the errors, so a reader of either finds a dataset
     <output>/_a2k_run.json                   the commit marker, written last: counts, model, run id, parts
     <output>/_a2k/manifest.parquet           the run's listing
     <output>/_a2k/work.parquet               the images this run classifies: one row group per shard
@@ -30,6 +32,7 @@ LEASE_FILE = "_a2k/lease.json"
 PROBE_PREFIX = "_a2k/.write-probe-"
 ERRORS_DIR = "_errors"
 RUN_MARKER = "_a2k_run.json"
+EMPTY_PART = "empty.parquet"  # not a part (is_part): no shard's, never in the state or the marker's parts
 _PART_PREFIX, _PART_SUFFIX = "part-", ".parquet"
 
 
@@ -104,6 +107,10 @@ class Output:
     def part(self, name: str, errors: bool = False) -> str:
         """The predictions part `name`, or (errors=True) the errors part of the same shard."""
         return f"{self.errors_dir}/{name}" if errors else self.path(name)
+
+    def empty_part(self, errors: bool = False) -> str:
+        """The stand-in with no rows that keeps the predictions (errors=True: the errors) a readable dataset."""
+        return self.part(EMPTY_PART, errors)
 
     def new_probe(self) -> str:
         """A fresh name for a write probe, under `_a2k/` (skipped by readers, never a dataset file)."""

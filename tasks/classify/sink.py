@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.classify.output import Output, is_part, is_temporary
+from tasks.classify.output import EMPTY_PART, Output, is_part, is_temporary
 from tasks.images.read import ErrorKind
 from tasks.storage import listdir_names, write_atomic, write_parquet_at
 
@@ -41,6 +41,26 @@ ERROR_SCHEMA = pa.schema(
         pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
+
+def settle_empty_parts(out: Output) -> list[str]:
+    """Where the output holds no predictions part (0 images listed, or every row dropped) or no errors part (a run
+    without errors), write an empty Parquet file of that table's schema, so that `pd.read_parquet(out/_errors)`
+    and DuckDB's `*.parquet` read 0 rows instead of raising; where real parts are present, remove the stand-in.
+    Returns the URLs of the stand-ins present now."""
+    present = []
+    for errors, schema in ((False, PREDICTION_SCHEMA), (True, ERROR_SCHEMA)):
+        folder = out.errors_dir if errors else out.root
+        names = set(listdir_names(out.fs, folder))
+        path = out.empty_part(errors)
+        if any(is_part(n) for n in names):
+            if EMPTY_PART in names:
+                out.fs.rm(path)
+            continue
+        if EMPTY_PART not in names:
+            write_parquet_at(schema.empty_table(), out.fs, path, compression="zstd")
+        present.append(out.url_of(path))
+    return present
+
 
 def mark_missing(errors: pa.Table, missing: set[str]) -> pa.Table:
     """`errors` with each `vanished` row of a uri in `missing` (a manifest's uri found nowhere when the manifest

@@ -69,7 +69,8 @@ def _check_output(store: s3fs.S3FileSystem, bucket: str, listed: dict[str, str])
     assert marker["parts"] == parts and len(parts) == -(-len(listed) // SHARD_SIZE)
     others = {p.removeprefix(f"{out}/") for p in written} - set(parts) - {"_a2k_run.json"}
     others = {p for p in others if not p.startswith("_a2k/") or p.rsplit("/", 1)[-1].startswith(".")}
-    assert others <= {f"_errors/{name}" for name in parts}, others  # no temporary object, no write probe left
+    # no temporary object, no write probe left; a run without errors leaves _errors/empty.parquet (no rows)
+    assert others <= {f"_errors/{name}" for name in parts} | {"_errors/empty.parquet"}, others
     assert not store.exists(f"{out}/_a2k/state/pending.json")  # the run committed its state
     return preds, errors
 
