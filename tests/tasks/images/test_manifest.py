@@ -36,8 +36,9 @@ def test_links_to_files_are_listed_but_links_to_folders_and_dangling_links_are_n
     (tmp_path / "src" / "linked.jpg").symlink_to(tmp_path / "src" / "a.jpg")
     (tmp_path / "src" / "gone.jpg").symlink_to(tmp_path / "src" / "missing.jpg")
     (tmp_path / "src" / "folder.jpg").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "src" / "outside.jpg").symlink_to(tmp_path / "elsewhere" / "b.jpg")  # outside the input: followed
     table = list_images(tmp_path / "src")
-    assert [os.path.basename(u) for u in table.column("uri").to_pylist()] == ["a.jpg", "linked.jpg"]
+    assert table.column("uri").to_pylist() == [str(tmp_path / "src" / n) for n in ("a.jpg", "linked.jpg", "outside.jpg")]
 
 
 def test_every_skipped_entry_is_counted_by_kind_and_the_counts_travel_with_the_manifest(tmp_path):
