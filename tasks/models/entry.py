@@ -103,7 +103,7 @@ def build_model(arch: str, num_classes: int, pre: Preprocessing) -> nn.Module:
     if arch not in _ARCHITECTURES:
         from tasks.models.zoo import build_zoo_model
 
-        return build_zoo_model(arch, num_classes, pre.channels)
+        return build_zoo_model(arch, num_classes, pre.channels, pre.crop)
     return _ARCHITECTURES[arch](num_classes=num_classes, in_channels=pre.channels, image_size=pre.crop)
 
 

@@ -79,8 +79,9 @@ def unknown_architecture(name: str, builtin: list[str]) -> ValueError:
                       f"(torchvision.models.list_models()), or {timm_text}")
 
 
-def build_zoo_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """A randomly initialised zoo model with `num_classes` outputs (nothing downloaded)."""
+def build_zoo_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """A randomly initialised zoo model with `num_classes` outputs (nothing downloaded); torchvision's ViTs are
+    built for `image_size` (their position embedding has one entry per patch)."""
     if name.startswith(TIMM_PREFIX):
         import timm
 
@@ -93,6 +94,8 @@ def build_zoo_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
     kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if name in ("googlenet", "inception_v3"):  # their auxiliary heads return tuples in training; a2k trains one head
         kwargs |= {"aux_logits": False, "init_weights": True}
+    if name.startswith("vit_"):
+        kwargs["image_size"] = image_size
     return torchvision.models.get_model(name, **kwargs)
 
 

@@ -79,3 +79,17 @@ def test_any_torchvision_architecture_trains_and_classifies(digits_dir, tmp_path
     df = pd.read_parquet(tmp_path / "out")
     assert summary["predicted"] == len(df) == r["split_counts"]["test"]
     assert set(df["label"]) <= {str(d) for d in range(10)}
+
+
+def test_a_timm_architecture_trains_and_classifies(digits_dir, tmp_path):
+    pytest.importorskip("timm", reason="timm is an optional extra: pip install 'a2k[timm]'")
+    from flows.classify_images import classify_images
+
+    registry = str(tmp_path / "reg")
+    r = train_model(dataset=str(digits_dir), name="teff", arch="timm:test_efficientnet", epochs=1, batch_size=128,
+                    image_size=32, device="cpu", registry=registry)
+    entry = get_model(r["ref"], registry).entry
+    assert entry.architecture == "timm:test_efficientnet" and entry.preprocessing.crop == 32
+    summary = classify_images(input=f"{r['url']}/splits/test.parquet", output=str(tmp_path / "out"), model=r["ref"],
+                              device="cpu", registry=registry)
+    assert summary["predicted"] == r["split_counts"]["test"]

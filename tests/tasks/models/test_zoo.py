@@ -59,6 +59,12 @@ def test_a_zoo_model_saves_and_loads_without_pickle(tmp_path):
         assert entry.architecture == "squeezenet1_1" and torch.allclose(model(x), loaded(x), atol=1e-5)
 
 
+def test_a_torchvision_vit_is_built_for_the_crop_it_is_given():
+    model = build_model("vit_b_16", 2, Preprocessing(resize=36, crop=32)).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)  # built for 224, it would refuse 32x32
+
+
 def test_timm_models_by_name_with_their_pretrained_config(tmp_path):
     pytest.importorskip("timm", reason="timm is an optional extra: pip install 'a2k[timm]'")
     pre = default_preprocessing("timm:test_vit")
