@@ -59,15 +59,17 @@ def prediction_report(table: pa.Table, class_names: Sequence[str], title: str) -
     shown = tuple((str(c["values"]), int(c["counts"])) for c in counts[:TOP_LABELS])
     scores = table["score"].to_numpy(zero_copy_only=False).astype(np.float64)
     hist, edges = np.histogram(scores, bins=SCORE_BINS, range=(0.0, 1.0))
-    order = np.argsort(scores, kind="stable")[:LOWEST_SHOWN]
-    uris, labels = table["image_uri"].to_pylist(), table["label"].to_pylist()
+    k = min(LOWEST_SHOWN, len(scores))
+    order = np.argpartition(scores, k - 1)[:k] if k else np.zeros(0, np.int64)  # no full sort of a large dataset
+    order = order[np.argsort(scores[order], kind="stable")]
+    low = table.select(["image_uri", "label", "score"]).take(pa.array(order, pa.int64())).to_pylist()
     report = PredictionReport(
         rows=table.num_rows, label_counts=shown, other_labels=max(0, len(counts) - TOP_LABELS),
         other_rows=sum(int(c["counts"]) for c in counts[TOP_LABELS:]),
         score_edges=tuple(float(e) for e in edges), score_counts=tuple(int(h) for h in hist),
-        lowest=tuple((uris[i], labels[i], float(scores[i])) for i in order),
+        lowest=tuple((r["image_uri"], r["label"], float(r["score"])) for r in low),
     )
-    truth = table.filter(pc.is_valid(table["true_label"]))
+    truth = table.select(["label", "topk_labels", "true_label"]).filter(pc.is_valid(table["true_label"]))
     if truth.num_rows == 0:
         return report
     known = truth.filter(pc.is_in(truth["true_label"], value_set=pa.array(list(class_names), pa.string())))
@@ -83,7 +85,7 @@ def _with_truth(report: PredictionReport, known: pa.Table, unknown: int, title: 
         return replace(report, unknown_truth=unknown, matrix_note="no true label (folder name) is a class of the model")
     correct = pc.sum(pc.equal(known["label"], known["true_label"])).as_py() or 0
     report = replace(report, labelled=known.num_rows, accuracy=correct / known.num_rows, unknown_truth=unknown)
-    present = sorted(set(known["true_label"].to_pylist()) | set(known["label"].to_pylist()))
+    present = sorted(set(pc.unique(known["true_label"]).to_pylist()) | set(pc.unique(known["label"]).to_pylist()))
     if len(present) > MATRIX_UP_TO:
         return replace(report, matrix_note=f"{len(present)} classes occur: the confusion matrix is drawn up to "
                                            f"{MATRIX_UP_TO}; `a2k evaluate` measures per-class precision and recall")
