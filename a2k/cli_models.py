@@ -25,14 +25,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     imp = msub.add_parser("import", parents=[common], help="register an existing classifier")
     imp.add_argument("source", help=".safetensors or .pth state dict, TorchScript file, or torch.export .pt2")
     imp.add_argument("--name", required=True)
-    imp.add_argument("--labels", required=True, help="class names, one per line (or a JSON list)")
-    imp.add_argument("--arch", default=None, help="architecture of a state dict (e.g. resnet18)")
-    imp.add_argument("--resize", type=int, default=256)
-    imp.add_argument("--crop", type=int, default=224)
-    imp.add_argument("--mean", type=float, nargs="+", default=[0.485, 0.456, 0.406])
-    imp.add_argument("--std", type=float, nargs="+", default=[0.229, 0.224, 0.225])
-    imp.add_argument("--interpolation", default="bilinear", choices=["nearest", "bilinear", "bicubic"])
-    imp.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    imp.add_argument("--labels", default=None, help="class names, one per line (or a JSON list); optional when "
+                     "--arch names torchvision weights (their categories)")
+    imp.add_argument("--arch", default=None, help="architecture of a state dict: a built-in one, any torchvision "
+                     "classification model (resnet18), timm:NAME, or NAME:WEIGHTS (resnet50:IMAGENET1K_V2) for the "
+                     "preprocessing and class names those weights record")
+    unset = " (unset: from --arch, else ImageNet's 256/224, mean/std, bilinear, 3 channels)"
+    imp.add_argument("--resize", type=int, default=None, help="shorter side before the crop" + unset)
+    imp.add_argument("--crop", type=int, default=None)
+    imp.add_argument("--mean", type=float, nargs="+", default=None)
+    imp.add_argument("--std", type=float, nargs="+", default=None)
+    imp.add_argument("--interpolation", default=None, choices=["nearest", "bilinear", "bicubic"])
+    imp.add_argument("--channels", type=int, default=None, choices=[1, 3])
 
     promote = msub.add_parser("promote", parents=[common], help="point an alias at a version")
     promote.add_argument("ref", help=_REF_HELP)

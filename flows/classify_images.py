@@ -15,6 +15,7 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
+from flows.artifacts import artifact_key
 from flows.params import (
     AutoBatchSize, DaskAddress, DaskWorkers, DeviceSpec, FullRun, GpuMemoryGb, HwDecoderLoad, InputSource, ModelSpec,
     OutputTarget, Overwrite, RegistryUrl, ShardSize, TargetName, TaskRunnerChoice, Threads, TopK, check_input_source,
@@ -24,7 +25,7 @@ from tasks.classify.commit import commit_run, shard_table, summary_markdown
 from tasks.classify.lease import acquire_lease
 from tasks.classify.output import Output, part_name
 from tasks.classify.plan import PlannedShard, RunContext, RunPlan, ShardOutcome, plan_run, resumed_outcome
-from tasks.classify.prefect_tasks import classify_shard_task
+from tasks.classify.prefect_tasks import classify_shard_task, report_task
 from tasks.devices import resolve_device
 from tasks.images.manifest import nothing_listed
 from tasks.images.prefect_tasks import list_images_task
@@ -70,6 +71,7 @@ def classify_images(
     log = get_run_logger()
     # the signature's types are checked by Prefect (and by the CLI, before any Prefect work); what needs the
     # filesystem is checked here, before any work
+    given = {"input_given": input, "model_given": model}  # as the caller wrote them, for the summary
     input, output = check_input_source(input), check_output_target(output)
     task_runner = TaskRunnerKind(task_runner)
     _, local_dir = resolve_model(model, registry)
@@ -132,11 +134,13 @@ def classify_images(
         summary = commit_run(
             out, plan, outcomes, ctx, list_seconds,
             extra={"input": input, "output": output, "device": str(dev), "model_dir": model_dir,
-                   "task_runner": task_runner.value, **({"budget": budget.describe()} if target else {})},
+                   "task_runner": task_runner.value, **given, **({"budget": budget.describe()} if target else {})},
         )
-        create_markdown_artifact(summary_markdown(summary), key="classify-images-summary",
-                                 description="a2k run summary")
-        create_table_artifact(shard_table(plan, outcomes), key="classify-images-shards",
+        report = report_task(out.url, summary["parts"], list(entry.class_names),
+                             f"{entry.name} v{entry.version} on {given['input_given']}")
+        create_markdown_artifact(summary_markdown(summary) + report, key=artifact_key("summary"),
+                                 description=f"a2k run summary: {given['input_given']} with {model}")
+        create_table_artifact(shard_table(plan, outcomes), key=artifact_key("shards"),
                               description=f"shards of this run: {summary['processed_this_run']} images classified, "
                                           f"{d.unchanged} unchanged images skipped")
         log.info(

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.devices import resolve_device
 from tasks.home import a2k_home
+from flows.artifacts import artifact_key
 from flows.classify_images import classify_images
 from flows.params import BatchSize, DeviceSpec, Threads
 from tasks.compress.recipes import check_supported, check_target, device_capability, parse_chain
@@ -157,7 +158,7 @@ def compress_model(
     else:
         log.warning("%s REJECTED: %s; registered with status rejected, %s@%s not moved", registered["ref"],
                     decision.reason, info.entry.name, cfg.alias)
-    create_table_artifact(rows, key=f"compress-{info.entry.name}-v{version}".lower().replace("_", "-").replace(".", "-"),
+    create_table_artifact(rows, key=artifact_key(f"{info.entry.name}-v{version}"),
                           description=f"{info.ref} vs {registered['ref']} ({chain_text}): "
                                       f"{'passed' if decision.passed else 'REJECTED'}: {decision.reason}")
     log.info("%s vs %s:\n%s", info.ref, registered["ref"], format_table(rows))

@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from tasks.home import a2k_home
+from flows.artifacts import artifact_key
 from flows.classify_images import classify_images
 from flows.params import BatchSize, DeviceSpec
 from tasks.train.evaluate import draw_confusion_matrix, evaluate_predictions, evaluation_table
@@ -33,13 +34,13 @@ def score_task(predictions: str, ref: str, registry: str | None, run_id: str, co
     doc = {**context, "model": str(info.ref), "run_id": run_id, "at": datetime.now(timezone.utc).isoformat(),
            "evaluation": evaluation.to_dict()}
     json_url = write_version_file(info, f"{folder}/evaluation.json", json.dumps(doc, indent=2).encode(), registry)
-    create_table_artifact(evaluation_table(evaluation), key=f"evaluation-{info.entry.name}-v{info.entry.version}",
+    create_table_artifact(evaluation_table(evaluation), key=artifact_key(f"{info.entry.name}-v{info.entry.version}"),
                           description=f"{info.ref}: top-1 {evaluation.top1:.4f}, top-5 {evaluation.top5:.4f}")
     create_markdown_artifact(
         f"# {info.ref} on {context['dataset']}\n\ntop-1 **{evaluation.top1:.4f}**, top-5 **{evaluation.top5:.4f}** "
         f"over {evaluation.images} images ({context['errors']} could not be classified)\n\n"
         f"confusion matrix: `{png_url}`\n\nstored: `{json_url}`\n",
-        key=f"evaluation-{info.entry.name}-v{info.entry.version}-summary",
+        key=artifact_key(f"{info.entry.name}-v{info.entry.version}-summary"),
     )
     return {"top1": evaluation.top1, "top5": evaluation.top5, "images": evaluation.images, "evaluation": json_url,
             "confusion_matrix": png_url}

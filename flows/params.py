@@ -22,6 +22,18 @@ ModelSpec = Annotated[str, Field(
                 "folder")]
 RegistryUrl = Annotated[str, Field(description="the model registry: a folder or s3://bucket/prefix "
                                                "(default: $A2K_REGISTRY, else $A2K_HOME/models)")]
+def _check_arch_name(name: str) -> str:
+    from tasks.models.zoo import resolve_architecture  # imports torchvision: only where an architecture is given
+
+    resolve_architecture(name)  # an unknown name or weights: refused with the close matches
+    return name
+
+
+ArchName = Annotated[str, AfterValidator(_check_arch_name), Field(
+    description="a built-in architecture (seed-cnn, tiny-cnn, resnet18, resnet50, mobilenet_v3_small, "
+                "efficientnet_b0), any torchvision classification model by name (e.g. regnet_y_400mf), timm:NAME "
+                "(with timm installed: pip install 'a2k[timm]'); to import, NAME:WEIGHTS (e.g. resnet50:IMAGENET1K_V2) "
+                "takes the preprocessing and class names those torchvision weights record")]
 BatchSize = Annotated[int, Field(ge=1, le=8192, description="images per GPU/CPU batch")]
 AutoBatchSize = Annotated[int, Field(
     ge=1, le=8192, description="images per batch; unset: the largest that fits the free GPU memory, at most 256 "

@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.devices import resolve_device
 from tasks.home import a2k_home
-from flows.params import BatchSize, DeviceSpec, Epochs, Fraction, Threads
-from tasks.models.entry import check_model_name, default_preprocessing, list_architectures
+from flows.params import ArchName, BatchSize, DeviceSpec, Epochs, Fraction, Threads
+from tasks.models.entry import check_model_name, default_preprocessing
+from tasks.models.zoo import resolve_architecture
 from tasks.images.preprocess import Preprocessing
 from tasks.models.prefect_tasks import register_model_task
 from tasks.train.prefect_tasks import split_dataset_task, train_classifier_task
@@ -52,9 +53,12 @@ class TrainModelConfig(BaseModel):
     @field_validator("arch")
     @classmethod
     def _arch_known(cls, v: str) -> str:
-        if v not in list_architectures():
-            raise ValueError(f"architecture {v!r} is not known; available: {', '.join(list_architectures())}")
-        return v
+        spec = resolve_architecture(v)  # unknown: refused with the close matches
+        if spec.weights:
+            raise ValueError(f"{v!r} names pretrained weights ({spec.weights}), which train does not download or "
+                             f"load: it builds {spec.name!r} with random initialisation; give {spec.name!r}, or import "
+                             "the weights with `a2k models import FILE --arch " + v + "`")
+        return spec.name
 
     @field_validator("name")
     @classmethod
@@ -74,7 +78,7 @@ class TrainModelConfig(BaseModel):
 def train_model(
     dataset: str,
     name: str,
-    arch: str = "seed-cnn",
+    arch: ArchName = "seed-cnn",
     epochs: Epochs = 10,
     batch_size: BatchSize = 64,
     learning_rate: float = 2e-3,

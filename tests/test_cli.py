@@ -84,3 +84,31 @@ def test_classify_with_a_cuda_target_on_the_cpu_is_refused_before_any_work(capsy
     err = capsys.readouterr().err
     assert code == 2 and "target 'a2000' emulates a CUDA card and needs a CUDA device; the device is cpu" in err
     assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_train_refuses_an_unknown_architecture_in_one_line_with_close_matches(capsys, photos_dir, tmp_path):
+    code = main(["train", str(photos_dir), "--name", "m", "--arch", "mobilenet_v3_smal", "--registry",
+                 str(tmp_path / "reg")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--arch 'mobilenet_v3_smal': architecture 'mobilenet_v3_smal' is not known (close matches: " \
+           "mobilenet_v3_small" in err
+    assert not (tmp_path / "reg").exists()
+
+
+def test_models_import_takes_the_class_names_of_named_weights_or_asks_for_labels(capsys, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from tasks.images.preprocess import Preprocessing
+    from tasks.models.entry import build_model
+
+    torch.manual_seed(0)
+    save_file(build_model("squeezenet1_1", 1000, Preprocessing()).state_dict(), str(tmp_path / "sq.safetensors"))
+    registry = str(tmp_path / "reg")
+    base = ["models", "import", str(tmp_path / "sq.safetensors"), "--name", "sq", "--registry", registry]
+    assert main([*base, "--arch", "squeezenet1_1"]) == 2
+    assert "labels are needed" in capsys.readouterr().err
+    assert main([*base, "--arch", "squeezenet1_1:IMAGENET1K_V1"]) == 0
+    entry = get_model("models:/sq/1", registry).entry
+    assert entry.num_classes == 1000 and entry.lineage["weights"] == "SqueezeNet1_1_Weights.IMAGENET1K_V1"

@@ -58,3 +58,13 @@ def classify_shard_task(
         f" holding concurrency slots {', '.join(slots)}" if slots else "",
     )
     return outcome
+
+
+@task(name="report-predictions", cache_policy=NO_CACHE)
+def report_task(output: str, parts: list[str], class_names: list[str], title: str) -> str:
+    """The summary's report of the committed dataset (label counts, score histogram, accuracy and confusion matrix
+    when there are true labels), as Markdown."""
+    from tasks.classify.report import prediction_report, read_predictions, report_markdown
+
+    out = Output(output)
+    return report_markdown(prediction_report(read_predictions(out, parts), class_names, title))

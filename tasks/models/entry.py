@@ -71,14 +71,28 @@ def list_architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-def _check_arch(arch: str) -> None:
-    if arch not in _ARCHITECTURES:
-        raise ValueError(f"architecture {arch!r} is not known; available: {', '.join(list_architectures())}")
+def check_architecture(arch: str) -> str:
+    """`arch`, once known: a built-in one, or one of the zoo's (torchvision's by name, timm's as timm:NAME:
+    tasks.models.zoo); an unknown name is refused with its close matches."""
+    if arch in _ARCHITECTURES:
+        return arch
+    from tasks.models import zoo
+
+    if not zoo.is_zoo_architecture(arch):
+        raise zoo.unknown_architecture(arch, list_architectures())
+    return arch
+
+
+_check_arch = check_architecture
 
 
 def default_preprocessing(arch: str) -> Preprocessing:
     _check_arch(arch)
-    return _DEFAULT_PREPROCESSING[arch]
+    if arch in _DEFAULT_PREPROCESSING:
+        return _DEFAULT_PREPROCESSING[arch]
+    from tasks.models.zoo import zoo_preprocessing
+
+    return zoo_preprocessing(arch)
 
 
 def build_model(arch: str, num_classes: int, pre: Preprocessing) -> nn.Module:
@@ -86,6 +100,10 @@ def build_model(arch: str, num_classes: int, pre: Preprocessing) -> nn.Module:
     _check_arch(arch)
     if num_classes < 2:
         raise ValueError(f"num_classes {num_classes!r} must be at least 2")
+    if arch not in _ARCHITECTURES:
+        from tasks.models.zoo import build_zoo_model
+
+        return build_zoo_model(arch, num_classes, pre.channels, pre.crop)
     return _ARCHITECTURES[arch](num_classes=num_classes, in_channels=pre.channels, image_size=pre.crop)
 
 
@@ -326,7 +344,10 @@ def _with_weights(entry: ModelEntry, state: dict[str, torch.Tensor], weights: Pa
     parameters would give): built on the meta device, so its random initialisation is skipped (2.5 s for a
     ResNet-50 on the CPU). A state that does not fit is refused in one line naming the file and the first
     differences."""
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
+    except (NotImplementedError, RuntimeError):  # a builder computing with tensors (regnet's widths) cannot on meta
         model = build_model(entry.architecture, entry.num_classes, entry.preprocessing)
     fits = f"{entry.architecture} with {entry.num_classes} classes"
     problems = state_dict_problems(state, model.state_dict(), fits)

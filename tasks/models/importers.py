@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tasks.models.entry import (
-    WEIGHTS_FILE, ModelEntry, WeightsFormat, build_model, check_class_names, check_model_name, list_architectures,
+    WEIGHTS_FILE, ModelEntry, WeightsFormat, build_model, check_architecture, check_class_names, check_model_name,
+    list_architectures,
     sha256_file, state_dict_problems, write_entry,
 )
 from tasks.models.exported import load_exported_program
@@ -152,9 +153,10 @@ def _check_torch_state_dict(path: Path, target: _Target) -> Callable[[Path], Non
 
 
 def _require_architecture(path: Path, target: _Target) -> None:
-    if target.architecture is None or target.architecture not in list_architectures():
-        raise ValueError(f"{str(path)!r} is a state dict: say which architecture it is for with architecture=; "
-                         f"got {target.architecture!r}, known: {', '.join(list_architectures())}")
+    if target.architecture is None:
+        raise ValueError(f"{str(path)!r} is a state dict: say which architecture it is for with architecture= (one "
+                         f"of {', '.join(list_architectures())}, a torchvision classification model or timm:NAME)")
+    check_architecture(target.architecture)  # an unknown one is refused with its close matches
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:

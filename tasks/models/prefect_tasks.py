@@ -11,6 +11,7 @@ from tasks.images.preprocess import Preprocessing
 from tasks.models.entry import Status
 from tasks.models.importers import import_classifier, read_labels
 from tasks.models.registry import register_model
+from tasks.models.zoo import weights_categories
 
 
 @task(name="register-model", cache_policy=NO_CACHE)
@@ -23,11 +24,14 @@ def register_model_task(staging_dir: str, name: str, registry: str | None, statu
             "sha256": info.entry.weights_sha256}
 
 @task(name="import-classifier", cache_policy=NO_CACHE)
-def import_classifier_task(source: str, staging_dir: str, name: str, labels: str, preprocessing: dict[str, Any],
-                           architecture: str | None = None) -> dict[str, Any]:
-    """Stage `source` with the class names in the file `labels`; returns the staging directory and digests."""
-    entry = import_classifier(source, staging_dir, name=name, class_names=read_labels(labels),
-                              preprocessing=Preprocessing.from_dict(preprocessing), architecture=architecture)
+def import_classifier_task(source: str, staging_dir: str, name: str, labels: str | None, preprocessing: dict[str, Any],
+                           architecture: str | None = None, weights: str | None = None) -> dict[str, Any]:
+    """Stage `source` with the class names in the file `labels` (None: the categories of the torchvision `weights`
+    named, e.g. ResNet50_Weights.IMAGENET1K_V2); returns the staging directory and digests."""
+    class_names = read_labels(labels) if labels is not None else weights_categories(weights)
+    entry = import_classifier(source, staging_dir, name=name, class_names=class_names,
+                              preprocessing=Preprocessing.from_dict(preprocessing), architecture=architecture,
+                              lineage_extra={"weights": weights} if weights else None)
     get_run_logger().info("staged %s (%s, %d classes) in %s", source, entry.lineage["source_kind"],
                           entry.num_classes, staging_dir)
     return {"staging_dir": str(staging_dir), "architecture": entry.architecture,

@@ -162,6 +162,9 @@ def test_a_served_nightly_run_from_the_cli_classifies_every_photo_once(served, p
     assert len(list(out.glob("part-*.parquet"))) == 3  # 9 images in shards of 4
     counts = duckdb.sql(f"select label, count(*) from '{out}/*.parquet' group by 1").fetchall()
     assert sum(n for _, n in counts) == len(photos)
+    artifacts = served.http.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+    keys = {a["key"] for a in artifacts.json()}  # keyed by the deployment, not those of a plain classify run
+    assert {"classify-images-nightly-summary", "classify-images-nightly-shards"} <= keys, keys
 
 
 @pytest.mark.parametrize(("value", "reason"), [

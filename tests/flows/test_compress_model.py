@@ -65,7 +65,7 @@ def test_prune_then_fp16_is_smaller_by_measured_parameters_and_flops(trained_reg
     assert c["peak_gpu_memory_bytes"] is None
     rows = {r["measure"]: r for r in result["comparison"]}
     assert rows["peak GPU memory (MiB)"]["child"] == "n/a" and rows["parameters"]["parent"] == "356,810"
-    artifact = Artifact.get(f"compress-digits-v{result['child'].rsplit('/', 1)[1]}")
+    artifact = Artifact.get(f"compress-model-digits-v{result['child'].rsplit('/', 1)[1]}")
     assert artifact is not None and "GFLOPs / image" in str(artifact.data)
 
 

@@ -27,8 +27,11 @@ def test_evaluation_on_the_recorded_test_split_is_stored_with_the_version(digits
     assert _read(result["confusion_matrix"])[:8] == b"\x89PNG\r\n\x1a\n"
     listed = list_evaluations(get_model("models:/ev/1", registry_root), registry_root)
     assert [(e["top1"], e["images"]) for e in listed] == [(result["top1"], result["images"])]
-    artifact = Artifact.get("evaluation-ev-v1")
+    artifact = Artifact.get("evaluate-model-ev-v1")  # keyed by the flow that writes it
     assert artifact is not None and "precision" in str(artifact.data)
+    inner = Artifact.get("evaluate-model-classify-images-summary")  # the classify run inside evaluate-model
+    assert inner is not None and f"accuracy **{result['top1']:.4f}** over {result['images']} labelled" in inner.data
+    assert "![confusion matrix](data:image/png;base64," in inner.data and "| model | models:/ev/1 -> ev v1" in inner.data
 
 
 def test_a_labelled_folder_can_be_given_instead(digits_dir, tmp_path):

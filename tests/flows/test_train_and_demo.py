@@ -55,9 +55,41 @@ def test_training_split_is_seeded_stratified_and_disjoint(digits_dir, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [({"arch": "resnet9"}, "architecture 'resnet9' is not known"), ({"name": "../x"}, "model name '../x'"),
+     ({"arch": "mobilenet_v3_smal"}, r"not known \(close matches: mobilenet_v3_small"),
+     ({"arch": "resnet50:IMAGENET1K_V2"}, r"names pretrained weights \(ResNet50_Weights.IMAGENET1K_V2\), which train "
+                                          "does not download or load"),
      ({"dataset": "/nope"}, "dataset '/nope' is not a folder"), ({"epochs": 0}, "epochs")],
 )
 def test_bad_training_parameters_are_refused(digits_dir, tmp_path, override, message):
     with pytest.raises(Exception, match=message):
         train_model(**{"dataset": str(digits_dir), "name": "m", "registry": str(tmp_path / "s"), **override})
     assert not (tmp_path / "s").exists()
+
+
+def test_any_torchvision_architecture_trains_and_classifies(digits_dir, tmp_path):
+    from flows.classify_images import classify_images
+
+    registry = str(tmp_path / "reg")
+    r = train_model(dataset=str(digits_dir), name="mnv3", arch="mobilenet_v3_small", epochs=1, batch_size=128,
+                    image_size=32, device="cpu", registry=registry)
+    entry = get_model(r["ref"], registry).entry
+    assert entry.architecture == "mobilenet_v3_small" and entry.preprocessing.crop == 32
+    summary = classify_images(input=f"{r['url']}/splits/test.parquet", output=str(tmp_path / "out"), model=r["ref"],
+                              device="cpu", registry=registry)
+    df = pd.read_parquet(tmp_path / "out")
+    assert summary["predicted"] == len(df) == r["split_counts"]["test"]
+    assert set(df["label"]) <= {str(d) for d in range(10)}
+
+
+def test_a_timm_architecture_trains_and_classifies(digits_dir, tmp_path):
+    pytest.importorskip("timm", reason="timm is an optional extra: pip install 'a2k[timm]'")
+    from flows.classify_images import classify_images
+
+    registry = str(tmp_path / "reg")
+    r = train_model(dataset=str(digits_dir), name="teff", arch="timm:test_efficientnet", epochs=1, batch_size=128,
+                    image_size=32, device="cpu", registry=registry)
+    entry = get_model(r["ref"], registry).entry
+    assert entry.architecture == "timm:test_efficientnet" and entry.preprocessing.crop == 32
+    summary = classify_images(input=f"{r['url']}/splits/test.parquet", output=str(tmp_path / "out"), model=r["ref"],
+                              device="cpu", registry=registry)
+    assert summary["predicted"] == r["split_counts"]["test"]

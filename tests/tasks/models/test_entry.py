@@ -90,7 +90,7 @@ def test_a_damaged_safetensors_header_is_one_line_naming_the_file(seed_model_dir
 
 
 def test_unknown_and_duplicate_architectures_are_refused():
-    with pytest.raises(ValueError, match="architecture 'resnet9' is not known; available: .*seed-cnn"):
+    with pytest.raises(ValueError, match=r"architecture 'resnet9' is not known \(close matches: .*resnet18.*\); give one of: .*seed-cnn"):
         build_model("resnet9", 2, Preprocessing())
     with pytest.raises(ValueError, match="already registered"):
         register_architecture("seed-cnn", Preprocessing())(lambda **kw: None)

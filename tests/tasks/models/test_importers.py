@@ -142,14 +142,14 @@ def test_state_dict_of_another_architecture_names_missing_and_unexpected_keys(tm
 def test_state_dict_without_architecture_is_refused_naming_the_known_ones(tmp_path):
     source = tmp_path / "seed.safetensors"
     save_file(_seed_cnn(3).state_dict(), str(source))
-    with pytest.raises(ValueError, match=r"say which architecture.*got None, known: .*resnet18.*seed-cnn"):
+    with pytest.raises(ValueError, match=r"say which architecture.*\(one of .*resnet18.*seed-cnn.*, a torchvision classification model or timm:NAME\)"):
         _import(source, tmp_path)
 
 
 def test_unknown_architecture_is_refused(tmp_path):
     source = tmp_path / "seed.pth"
     torch.save(_seed_cnn(3).state_dict(), source)
-    with pytest.raises(ValueError, match=r"got 'resnet9', known: .*seed-cnn"):
+    with pytest.raises(ValueError, match=r"architecture 'resnet9' is not known \(close matches: resnet50, resnet34, resnet18.*\); give one of: .*seed-cnn"):
         _import(source, tmp_path, architecture="resnet9")
 
 
