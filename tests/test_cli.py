@@ -1,10 +1,11 @@
 """The command line, called in-process as a user would type it."""
 
+import argparse
 import json
 
 import pytest
 
-from a2k.cli import main
+from a2k.cli import _parser, main, subparsers
 from tasks.models.registry import get_model, register_model
 
 
@@ -84,3 +85,31 @@ def test_classify_with_a_cuda_target_on_the_cpu_is_refused_before_any_work(capsy
     err = capsys.readouterr().err
     assert code == 2 and "target 'a2000' emulates a CUDA card and needs a CUDA device; the device is cpu" in err
     assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_models_list_keeps_its_columns_with_several_aliases(capsys, registry):
+    for alias in ("production", "candidate", "nightly-eval"):
+        assert main(["models", "promote", "models:/seed/2", "--alias", alias, "--registry", registry]) == 0
+    capsys.readouterr()
+    assert main(["models", "list", "--registry", registry]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert "candidate,nightly-eval,production" in rows[1], rows
+    for column, cell in (("ARCH", "seed-cnn"), ("TEST ACC", " MB")):  # each row's cell starts where its column does
+        assert {row.index(cell) + (len(cell) + 2 if cell == " MB" else 0) for row in rows} == {header.index(column)}
+
+
+@pytest.mark.parametrize("command", sorted(subparsers(_parser(None))) + [""])
+def test_every_option_of_every_command_has_help_and_shows_its_default(capsys, command):
+    words = command.split()
+    parser = subparsers(_parser(words[0]))[command] if words else _parser(None)
+    with pytest.raises(SystemExit):
+        main([*words, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        assert action.help and len(action.help) > 8, (command, action.dest)
+        if action.default not in (None, False, "", argparse.SUPPRESS):
+            default = action.default
+            shown = " ".join(map(str, default)) if isinstance(default, list) else getattr(default, "value", default)
+            assert f"(default: {shown})" in text, (command, action.dest)
