@@ -19,6 +19,7 @@ import traceback
 from typing import Any
 
 from a2k import cli_compress, cli_models, cli_tune
+from a2k.cli_progress import terminal_progress
 from a2k.clock import process_age
 from a2k.cli_flows import FlowSpec, add_flow_arguments, check_flow_arguments, flow_arguments
 
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     # warnings of the plain functions (e.g. GPU out-of-memory back-off) show in the Prefect run's log
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
     try:
-        worker = _run(args)
+        with terminal_progress():  # quiet when stdout is not a terminal
+            worker = _run(args)
     except Exception as e:
         if not _is_refusal(e):
             raise
