@@ -3,6 +3,7 @@ time left, drawn by rich; nothing when stdout is not a terminal (a pipe, a file,
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,22 +18,39 @@ def _columns() -> list[Any]:
         def render(self, task: Any) -> Text:
             return Text(f"{task.speed:,.0f} images/s" if task.speed else "- images/s")
 
-    return [TextColumn("{task.description}"), BarColumn(),
+    return [TextColumn("{task.description}"), BarColumn(bar_width=24),
             TextColumn("{task.completed:,.0f} of {task.total:,.0f} images"), Speed(), TextColumn("ETA"),
             TimeRemainingColumn()]
 
 
+def _prefect_consoles() -> list[Any]:
+    """Prefect's console log handlers (each prints through a rich Console of its own)."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    return [h for lg in loggers for h in lg.handlers if type(h).__name__ == "PrefectConsoleHandler"]
+
+
 class TerminalProgress:
-    """A tasks.progress.ProgressView on rich's live display: one bar per step, kept on screen when it ends."""
+    """A tasks.progress.ProgressView on rich's live display: one bar per step, left on screen when it ends. Drawn
+    on stderr where that is the terminal too, with Prefect's log lines printed above the bars (through the same
+    console) instead of across them; the display stops between steps, so what the command prints comes after."""
 
     def __init__(self) -> None:
         from rich.console import Console
         from rich.progress import Progress
 
-        self.progress = Progress(*_columns(), console=Console(file=sys.stdout), transient=False)
+        stream = sys.stderr if sys.stderr.isatty() else sys.stdout
+        self.progress = Progress(*_columns(), console=Console(file=stream), transient=False, redirect_stdout=False,
+                                 redirect_stderr=False)
+        self._borrowed: list[tuple[Any, Any]] = []
 
     def start(self, what: str, total: int) -> int:
-        self.progress.start()  # started at the first step: a command that has none draws nothing
+        if not self.progress.live.is_started:  # started at a step: a command that has none draws nothing
+            ours = self.progress.console.file
+            self._borrowed = [(h, h.console) for h in _prefect_consoles() if h.console.file is ours]
+            for handler, _ in self._borrowed:
+                handler.console = self.progress.console
+            self.progress.start()
         return self.progress.add_task(what, total=total)
 
     def advance(self, step: int, n: int) -> None:
@@ -45,7 +63,17 @@ class TerminalProgress:
 
     def finish(self, step: int) -> None:
         self.progress.stop_task(step)
-        self.progress.refresh()
+        if all(t.stop_time is not None for t in self.progress.tasks):
+            self.stop()
+
+    def stop(self) -> None:
+        """The bars drawn once more and left where they are; Prefect's consoles given back."""
+        self.progress.stop()
+        for task in list(self.progress.tasks):
+            self.progress.remove_task(task.id)
+        for handler, console in self._borrowed:
+            handler.console = console
+        self._borrowed = []
 
 
 @contextmanager
@@ -61,4 +89,4 @@ def terminal_progress() -> Iterator[None]:
         with shown_by(view):
             yield
     finally:
-        view.progress.stop()
+        view.stop()

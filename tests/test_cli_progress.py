@@ -22,9 +22,10 @@ def _env(tmp_path) -> dict[str, str]:
 
 
 def _in_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Runs argv with its stdout on a pseudo-terminal (stderr in a pipe); its exit code and what the terminal got."""
+    """Runs argv with stdout and stderr on a pseudo-terminal, as in a user's terminal; its exit code and what the
+    terminal got."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen(argv, stdout=slave, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
+    proc = subprocess.Popen(argv, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL, env=env,
                             close_fds=True)
     os.close(slave)
     chunks = []
@@ -52,6 +53,9 @@ def test_classify_in_a_terminal_shows_images_done_of_n_with_speed_and_eta(tmp_pa
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)  # without the terminal's cursor and colour codes
     assert re.search(r"classify\b.*\b9 of 9 images\b.*\bimages/s\b.*\bETA\b", text), text
     assert "9 predicted, 0 errors of 9 images" in text
+    # Prefect's log lines are printed above the bar, each on a line of its own, not across it
+    lines = re.split(r"[\r\n]+", text)
+    assert any("| INFO" in line for line in lines) and not any("| INFO" in x and "ETA" in x for x in lines), text
 
 
 def test_classify_in_a_pipe_shows_no_progress(tmp_path, photos_dir, seed_model_dir):
