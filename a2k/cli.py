@@ -23,6 +23,7 @@ from a2k.cli_progress import terminal_progress
 from a2k.clock import process_age
 from a2k.cli_flows import FlowSpec, add_flow_arguments, check_flow_arguments, flow_arguments
 
+
 def _check_model_name(v: str) -> str:
     from tasks.models.entry import check_model_name  # torch: loaded once the cheap checks have passed
 
@@ -108,7 +109,9 @@ def _classify(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         server = TemporaryServer() if temporary_server_wanted() else None
     # an unknown model is refused while the server starts (stopping it does not wait), not once it is up; before the
     # worker's build, which would hold the imports the check needs
+    t0 = time.perf_counter()
     check_model_spec(params["model"], params["registry"])
+    steps["model check"] = time.perf_counter() - t0
     worker: dict[str, Any] = {}
     warm = None
     if fresh and params["task_runner"].value == "local":
@@ -154,7 +157,7 @@ def _classify(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
 
 def _startup_line(s: dict[str, Any]) -> str:
     st = s["startup"]
-    parts = [f"checks {st['checks']:.1f}", f"imports {st['imports']:.1f}"]
+    parts = [f"checks {st['checks']:.1f}", f"model check {st['model check']:.1f}", f"imports {st['imports']:.1f}"]
     if "server up" in st:
         parts.append(f"server {st['server up']:.1f} (parallel; waited {st['server wait']:.1f})")
     if "worker" in st:
@@ -240,7 +243,7 @@ def refusal_line(e: BaseException) -> str:
         text = f"{e.filename!r}: {e.strerror.lower()}"
     else:
         text = str(e)
-    text = re.sub(r"\b([a-z_]+)=True\b", lambda m: "--" + m.group(1).replace("_", "-"), text)
+    text = re.sub(r"\b(overwrite|full)=True\b", r"--\1", text)  # the switches tasks' messages name
     return " ".join(text.split())  # one line, whatever the message held
 
 
