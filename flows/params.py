@@ -3,6 +3,7 @@ a flow's signature is: Prefect, the CLI), and the checks of a parameter that nee
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -96,7 +97,7 @@ def check_output_target(v: str) -> str:
         raise ValueError(f"output {v!r} exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".a2k-write-probe"
+        probe = path / f".a2k-write-probe-{uuid.uuid4().hex}"  # its own: two runs' checks at once do not meet
         probe.touch()
         probe.unlink()
     except OSError as e:
