@@ -95,11 +95,11 @@ def _check_evaluate(args: argparse.Namespace) -> None:
 
 
 def _check_import(args: argparse.Namespace) -> None:
-    from tasks.models.entry import check_model_name
-
     for what, path in (("source", args.source), ("labels file", args.labels)):
         if not os.path.isfile(path):
             raise ValueError(f"{what} {path!r} is not a file; give {_IMPORT_FILES[what]}")
+    from tasks.models.entry import check_model_name  # torch: after the cheap checks
+
     check_model_name(args.name)
 
 
@@ -112,6 +112,8 @@ def run(args: argparse.Namespace) -> None:
                                 registry=args.registry)
         _print(result, args.json, "\n".join(f"{k}: {v}" for k, v in result.items() if k != "per_class"))
         return
+    if args.models_command == "import":
+        _check_import(args)  # its files before torch is loaded
     from tasks.models import registry as reg  # torch, through the model entry
 
     cmd = args.models_command
@@ -135,7 +137,6 @@ def run(args: argparse.Namespace) -> None:
         _print({**head.to_dict(), "lineage_chain": [str(c.ref) for c in chain], "alias_history": history,
                 "evaluations": evaluations}, args.json, "\n".join(text))
     elif cmd == "import":
-        _check_import(args)
         from flows.import_model import import_model
 
         result = import_model(source=args.source, name=args.name, labels=args.labels, arch=args.arch,
