@@ -21,6 +21,7 @@ from typing import Any
 from a2k import cli_compress, cli_models, cli_tune
 from a2k.cli_progress import terminal_progress
 from a2k.clock import process_age
+from a2k.cli_logs import is_refusal, quiet_refusals
 from a2k.cli_flows import FlowSpec, add_flow_arguments, check_flow_arguments, flow_arguments
 
 
@@ -133,6 +134,7 @@ def _classify(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         warm.start()
     t0 = time.perf_counter()
     flow = spec.load()
+    quiet_refusals(args.debug)
     steps["imports"] = time.perf_counter() - t0
     if server is not None:
         steps["server wait"] = server.wait_ready(SERVER_TIMEOUT_S)
@@ -171,7 +173,9 @@ def _flow_call(name: str, args: argparse.Namespace) -> Any:
     """Run the command's flow with its arguments, checked against its signature before any Prefect work."""
     spec = FLOWS[name][0]
     params = check_flow_arguments(spec, flow_arguments(args, spec), _train_checks() if name == "train" else None)
-    return spec.load()(**params)
+    flow = spec.load()
+    quiet_refusals(args.debug)
+    return flow(**params)
 
 
 def _exit_now(code: int, worker: Any) -> None:
@@ -220,14 +224,6 @@ def _run(args: argparse.Namespace) -> Any:
     return None
 
 
-def _is_refusal(e: BaseException) -> bool:
-    """A bad argument or a refused request (printed as one line), not a failure of a2k's."""
-    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError)):  # pydantic's ValidationError included
-        return True
-    exceptions = sys.modules.get("prefect.exceptions")
-    return exceptions is not None and isinstance(e, exceptions.ParameterTypeError)
-
-
 def refusal_line(e: BaseException) -> str:
     """The one line a refusal prints: pydantic's and Prefect's parameter errors without their boilerplate, and a
     flow parameter named as the CLI spells it (`overwrite=True` is `--overwrite` here)."""
@@ -252,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv  # anywhere on the line, as users add it to the command that failed
     argv = [a for a in argv if a != "--debug"]
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
+    args.debug = debug
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the temporary server's first start (database migrations) can outlast Prefect's 20 s default on a cold machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(int(SERVER_TIMEOUT_S)))
@@ -261,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         with terminal_progress():  # quiet when stdout is not a terminal
             worker = _run(args)
     except Exception as e:
-        if not _is_refusal(e):
+        if not is_refusal(e):
             raise
         if debug:
             traceback.print_exc()

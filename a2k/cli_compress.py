@@ -58,6 +58,9 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     _check(args)
     from flows.compress_model import compress_model
+    from a2k.cli_logs import quiet_refusals
+
+    quiet_refusals(args.debug)
     from tasks.compress.measure import format_table
 
     result = compress_model(model=args.ref, recipes=args.recipes, target=args.target,

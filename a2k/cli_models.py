@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "evaluate":
         _check_evaluate(args)  # before Prefect and its server: a bad value is refused in one line, at once
         from flows.evaluate_model import evaluate_model
+        from a2k.cli_logs import quiet_refusals
+
+        quiet_refusals(args.debug)
 
         result = evaluate_model(model=args.ref, dataset=args.dataset, device=args.device, batch_size=args.batch_size,
                                 registry=args.registry)
@@ -138,6 +141,9 @@ def run(args: argparse.Namespace) -> None:
                 "evaluations": evaluations}, args.json, "\n".join(text))
     elif cmd == "import":
         from flows.import_model import import_model
+        from a2k.cli_logs import quiet_refusals
+
+        quiet_refusals(args.debug)
 
         result = import_model(source=args.source, name=args.name, labels=args.labels, arch=args.arch,
                               resize=args.resize, crop=args.crop, mean=args.mean, std=args.std,

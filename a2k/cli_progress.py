@@ -3,11 +3,12 @@ time left, drawn by rich; nothing when stdout is not a terminal (a pipe, a file,
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from a2k.cli_logs import prefect_consoles
 
 
 def _columns() -> list[Any]:
@@ -21,13 +22,6 @@ def _columns() -> list[Any]:
     return [TextColumn("{task.description}"), BarColumn(bar_width=24),
             TextColumn("{task.completed:,.0f} of {task.total:,.0f} images"), Speed(), TextColumn("ETA"),
             TimeRemainingColumn()]
-
-
-def _prefect_consoles() -> list[Any]:
-    """Prefect's console log handlers (each prints through a rich Console of its own)."""
-    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
-                                      if isinstance(v, logging.Logger))]
-    return [h for lg in loggers for h in lg.handlers if type(h).__name__ == "PrefectConsoleHandler"]
 
 
 class TerminalProgress:
@@ -47,7 +41,7 @@ class TerminalProgress:
     def start(self, what: str, total: int) -> int:
         if not self.progress.live.is_started:  # started at a step: a command that has none draws nothing
             ours = self.progress.console.file
-            self._borrowed = [(h, h.console) for h in _prefect_consoles() if h.console.file is ours]
+            self._borrowed = [(h, h.console) for h in prefect_consoles() if h.console.file is ours]
             for handler, _ in self._borrowed:
                 handler.console = self.progress.console
             self.progress.start()

@@ -108,3 +108,16 @@ def test_a_deployment_run_fails_with_the_same_sentence(tmp_path):
     assert state.is_failed()
     assert state.message == (f"Flow run encountered an exception: ValueError: dataset '{tmp_path / 'missing'}' is "
                              "not a folder; lay it out as <root>/<class>/<file>")
+
+
+def test_a_refusal_found_inside_a_run_is_logged_without_its_traceback(tmp_path, seed_model_dir):
+    """What only the run can check (weights that do not fit their labels) fails the run; Prefect's log says so in
+    its lines, and the CLI in its one line, with no traceback between them."""
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    out = subprocess.run([sys.executable, "-m", "a2k", "models", "import", str(seed_model_dir / "weights.safetensors"),
+                          "--name", "x", "--labels", str(tmp_path / "labels.txt"), "--arch", "seed-cnn"],
+                         capture_output=True, text=True, env=_env(tmp_path), timeout=600)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "Finished in state Failed" in out.stderr
+    errors = [x for x in out.stderr.splitlines() if x.startswith("a2k: error: ")]
+    assert len(errors) == 1 and "does not fit seed-cnn with 3 classes: shape mismatch" in errors[0], out.stderr
