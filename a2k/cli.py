@@ -11,14 +11,37 @@ import argparse
 import atexit
 import json
 import os
+import re
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 from a2k import cli_compress, cli_models, cli_tune
+from a2k.cli_progress import terminal_progress
 from a2k.clock import process_age
+from a2k.cli_logs import is_refusal, quiet_refusals
 from a2k.cli_flows import FlowSpec, add_flow_arguments, check_flow_arguments, flow_arguments
+
+
+def _check_model_name(v: str) -> str:
+    from tasks.models.entry import check_model_name  # torch: loaded once the cheap checks have passed
+
+    return check_model_name(v)
+
+
+def _train_checks() -> dict[str, Any]:
+    from flows.params import check_architecture, check_dataset_folder
+
+    return {"dataset": check_dataset_folder, "name": _check_model_name, "arch": check_architecture}
+
+
+def _classify_checks() -> dict[str, Any]:
+    from flows.params import check_input_source, check_output_target
+
+    return {"input": check_input_source, "output": check_output_target}  # the model: once the server is starting
+
 
 FLOWS = {
     "classify": (FlowSpec("flows.classify_images", "classify_images"), ("input", "output"),
@@ -33,6 +56,8 @@ SERVER_TIMEOUT_S = 180.0  # a cold machine's first start (database migrations) c
 
 def _parser(command: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="a2k", description="GPU batch image classification to Parquet.")
+    p.add_argument("--debug", action="store_true", help="on an error, print its traceback before its line (may be "
+                                                         "given anywhere on the command line)")
     sub = p.add_subparsers(dest="command", required=True)
     for name, (spec, positional, text) in FLOWS.items():
         c = sub.add_parser(name, help=text, description=text)
@@ -41,18 +66,41 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     cli_models.add_parsers(sub)
     cli_compress.add_parsers(sub)
     cli_tune.add_parsers(sub)
+    _say_defaults(p)
     return p
+
+
+def subparsers(p: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The commands under `p` by name, sub-commands as 'models list'."""
+    found = {}
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, c in action.choices.items():
+                found[name] = c
+                found |= {f"{name} {k}": v for k, v in subparsers(c).items()}
+    return found
+
+
+def _say_defaults(p: argparse.ArgumentParser) -> None:
+    """Every option's help ends with its default where it has one its help does not say (None's meaning and a
+    switch's off are the help's to say)."""
+    for c in [p, *subparsers(p).values()]:
+        for action in c._actions:
+            default = action.default
+            if not action.help or "(default" in action.help or default in (None, False, "", argparse.SUPPRESS):
+                continue
+            shown = " ".join(map(str, default)) if isinstance(default, list) else getattr(default, "value", default)
+            action.help = f"{action.help} (default: {shown})"
 
 
 def _classify(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     """The classify command: checks, then (fresh process) the temporary server and the shard worker in parallel
     with the imports, then the flow; says where the start-up went. Returns the run's summary and the shard worker
     built ahead (None when none was)."""
-    from flows.params import check_input_source, check_output_target
+    from flows.params import check_model_spec
 
     spec = FLOWS["classify"][0]
-    params = check_flow_arguments(spec, flow_arguments(args, spec),
-                                  {"input": check_input_source, "output": check_output_target})
+    params = check_flow_arguments(spec, flow_arguments(args, spec), _classify_checks())
     steps = {"checks": process_age()}
     fresh = "prefect" not in sys.modules  # an in-process caller (tests, a notebook) keeps Prefect's own way
     server = None
@@ -60,6 +108,11 @@ def _classify(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         from a2k.server import TemporaryServer, temporary_server_wanted
 
         server = TemporaryServer() if temporary_server_wanted() else None
+    # an unknown model is refused while the server starts (stopping it does not wait), not once it is up; before the
+    # worker's build, which would hold the imports the check needs
+    t0 = time.perf_counter()
+    check_model_spec(params["model"], params["registry"])
+    steps["model check"] = time.perf_counter() - t0
     worker: dict[str, Any] = {}
     warm = None
     if fresh and params["task_runner"].value == "local":
@@ -81,6 +134,7 @@ def _classify(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         warm.start()
     t0 = time.perf_counter()
     flow = spec.load()
+    quiet_refusals(args.debug)
     steps["imports"] = time.perf_counter() - t0
     if server is not None:
         steps["server wait"] = server.wait_ready(SERVER_TIMEOUT_S)
@@ -105,7 +159,7 @@ def _classify(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
 
 def _startup_line(s: dict[str, Any]) -> str:
     st = s["startup"]
-    parts = [f"checks {st['checks']:.1f}", f"imports {st['imports']:.1f}"]
+    parts = [f"checks {st['checks']:.1f}", f"model check {st['model check']:.1f}", f"imports {st['imports']:.1f}"]
     if "server up" in st:
         parts.append(f"server {st['server up']:.1f} (parallel; waited {st['server wait']:.1f})")
     if "worker" in st:
@@ -118,8 +172,10 @@ def _startup_line(s: dict[str, Any]) -> str:
 def _flow_call(name: str, args: argparse.Namespace) -> Any:
     """Run the command's flow with its arguments, checked against its signature before any Prefect work."""
     spec = FLOWS[name][0]
-    params = check_flow_arguments(spec, flow_arguments(args, spec))
-    return spec.load()(**params)
+    params = check_flow_arguments(spec, flow_arguments(args, spec), _train_checks() if name == "train" else None)
+    flow = spec.load()
+    quiet_refusals(args.debug)
+    return flow(**params)
 
 
 def _exit_now(code: int, worker: Any) -> None:
@@ -168,28 +224,45 @@ def _run(args: argparse.Namespace) -> Any:
     return None
 
 
-def _is_refusal(e: BaseException) -> bool:
-    """A bad argument or a refused request (printed as one line), not a failure of a2k's."""
-    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError)):  # pydantic's ValidationError included
-        return True
-    exceptions = sys.modules.get("prefect.exceptions")
-    return exceptions is not None and isinstance(e, exceptions.ParameterTypeError)
+def refusal_line(e: BaseException) -> str:
+    """The one line a refusal prints: pydantic's and Prefect's parameter errors without their boilerplate, and a
+    flow parameter named as the CLI spells it (`overwrite=True` is `--overwrite` here)."""
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is not None and isinstance(e, pydantic.ValidationError):
+        from flows.params import one_line
+
+        text = str(one_line(e))
+    elif type(e).__name__ == "ParameterTypeError":  # "Flow run received invalid parameters:\n - name: message"
+        text = "; ".join(line.strip().removeprefix("- ").replace("Value error, ", "")
+                         for line in str(e).splitlines()[1:] if line.strip()) or str(e)
+    elif isinstance(e, OSError) and e.filename is not None and e.strerror:  # "[Errno 2] No such ...: 'x'"
+        text = f"{e.filename!r}: {e.strerror.lower()}"
+    else:
+        text = str(e)
+    text = re.sub(r"\b(overwrite|full)=True\b", r"--\1", text)  # the switches tasks' messages name
+    return " ".join(text.split())  # one line, whatever the message held
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv  # anywhere on the line, as users add it to the command that failed
+    argv = [a for a in argv if a != "--debug"]
     args = _parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
+    args.debug = debug
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the temporary server's first start (database migrations) can outlast Prefect's 20 s default on a cold machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(int(SERVER_TIMEOUT_S)))
     # warnings of the plain functions (e.g. GPU out-of-memory back-off) show in the Prefect run's log
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
     try:
-        worker = _run(args)
+        with terminal_progress():  # quiet when stdout is not a terminal
+            worker = _run(args)
     except Exception as e:
-        if not _is_refusal(e):
+        if not is_refusal(e):
             raise
-        print(f"a2k: error: {e}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"a2k: error: {refusal_line(e)}", file=sys.stderr)
         return 2
     if worker is not None:
         _exit_now(0, worker)

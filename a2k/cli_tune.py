@@ -14,8 +14,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("tune", help="measure this card's best hw_decoder_load, DALI threads and batch size on a "
                                     "folder's images; classify runs use them from then on")
     t.add_argument("input", help="folder of images like the ones you classify (their size decides the best settings)")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    t.add_argument("--images", type=int, default=2048, help="images to time each setting on (default 2048)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    t.add_argument("--images", type=int, default=2048, help="images to time each setting on")
     t.add_argument("--json", action="store_true", help="print the profile as JSON")
 
 

@@ -32,6 +32,7 @@ from tasks.images.prefect_tasks import list_images_task
 from tasks.models.compiled import check_runs_here
 from tasks.models.entry import WeightsFormat, read_entry, verify_weights
 from tasks.models.registry import resolve_model
+from tasks.progress import progress_step
 from tasks.runner import GPU_LIMIT, TaskRunnerKind, ensure_gpu_limit, gpu_slot, make_task_runner
 from tasks.targets import plan_budget
 
@@ -163,17 +164,22 @@ def _classify_shards(
     log = get_run_logger()
     outcomes = [resumed_outcome(out, p.shard.index, part_name(p.key)) for p in plan.shards if p.committed]
     todo = [p for p in plan.shards if not p.committed]
-    total = len(plan.shards)
+    images = sum(p.shard.size for p in plan.shards)
+
+    def done() -> int:
+        return sum(o.predicted + o.errors for o in outcomes)
 
     def percent() -> float:
-        return 100.0 * len(outcomes) / total if total else 100.0
+        return 100.0 * done() / images if images else 100.0
 
     progress = create_progress_artifact(percent(), key="classify-images-progress",
-                                        description=f"shards committed, of {total} in this run")
+                                        description=f"images classified, of {images} in {len(plan.shards)} shards")
     if not todo:
         return outcomes
     failures: list[BaseException] = []
-    with runner:
+    resumed = done()
+    # the terminal's display (a2k's CLI) counts each batch as the model takes it, and each shard when it is committed
+    with progress_step("classify", images - resumed) as step, runner:
         futures = [runner.submit(classify_shard_task, parameters=parameters(p)) for p in todo]
         for future in as_completed(futures):
             try:
@@ -182,6 +188,7 @@ def _classify_shards(
                 failures.append(e)
                 log.error("a shard failed: %r; the others go on, and a rerun redoes only what is missing", e)
             update_progress_artifact(progress, percent())
+            step.reach(done() - resumed)
     if failures:
         raise failures[0]
     return outcomes

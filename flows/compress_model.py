@@ -11,13 +11,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.devices import resolve_device
 from tasks.home import a2k_home
 from flows.artifacts import artifact_key
 from flows.classify_images import classify_images
-from flows.params import BatchSize, DeviceSpec, Threads
+from flows.params import BatchSize, DeviceSpec, Threads, one_line
 from tasks.compress.recipes import check_supported, check_target, device_capability, parse_chain
 from tasks.compress.apply import recorded_splits
 from tasks.compress.measure import check_fits, comparison_rows, decide, format_table
@@ -96,9 +96,12 @@ def compress_model(
     points, it fits `target`'s memory and it is at least `min_speedup` times as fast as the parent (0: speed not
     required); else it is registered as rejected with the reason and its measured numbers."""
     log = get_run_logger()
-    cfg = CompressModelConfig(model=model, recipes=recipes, target=target, max_accuracy_drop=max_accuracy_drop,
-                              min_speedup=min_speedup, device=device, batch_size=batch_size,
-                              num_threads=num_threads, alias=alias, registry=registry)
+    try:  # a bad value fails the run in one line naming it, the line the CLI prints
+        cfg = CompressModelConfig(model=model, recipes=recipes, target=target, max_accuracy_drop=max_accuracy_drop,
+                                  min_speedup=min_speedup, device=device, batch_size=batch_size,
+                                  num_threads=num_threads, alias=alias, registry=registry)
+    except ValidationError as e:
+        raise one_line(e) from None
     chain = parse_chain(cfg.recipes)
     dev = resolve_device(cfg.device)
     check_supported(chain, dev.kind, device_capability(dev), f"device {dev}")

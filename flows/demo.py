@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.home import demo_dir
 from flows.classify_images import classify_images
 from flows.compress_model import compress_model
-from flows.params import CompressDemo, DeviceSpec, Epochs
+from flows.params import CompressDemo, DeviceSpec, Epochs, RegistryUrl, Workdir
 from flows.train_model import train_model
 from tasks.train.demo_data import write_digits_dataset
 from tasks.train.evaluate import accuracy_from_predictions
@@ -55,7 +55,8 @@ DEMO_CHAINS = (("compile",), ("prune:0.5,epochs=3,distill=true", "compile"), ("d
 
 @flow(name="a2k-demo")
 def demo(
-    workdir: str | None = None, epochs: Epochs = 10, device: DeviceSpec = "auto", registry: str | None = None,
+    workdir: Workdir | None = None, epochs: Epochs = 10, device: DeviceSpec = "auto",
+    registry: RegistryUrl | None = None,
     compress: CompressDemo = True,
 ) -> dict[str, Any]:
     """End to end on real data: scikit-learn's handwritten digits -> seed-cnn -> compressed children, gated on

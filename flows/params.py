@@ -3,10 +3,11 @@ a flow's signature is: Prefect, the CLI), and the checks of a parameter that nee
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, ValidationError
 
 from tasks.classify.output import Output
 from tasks.devices import check_device_spec
@@ -42,8 +43,22 @@ ShardSize = Annotated[int, Field(ge=1, le=1_000_000, description="images per sha
 TopK = Annotated[int, Field(ge=1, le=1000, description="how many best classes to keep per image")]
 DeviceSpec = Annotated[str, AfterValidator(check_device_spec), Field(description="auto, cpu, cuda or cuda:N")]
 Threads = Annotated[int, Field(ge=1, le=256, description="DALI CPU threads (unset: from this card's decode profile, `a2k tune`, else the usable cores, at most 16)")]
-Epochs = Annotated[int, Field(ge=1, le=10_000)]
+Epochs = Annotated[int, Field(ge=1, le=10_000, description="passes over the training split")]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+ValFraction = Annotated[float, Field(gt=0.0, lt=1.0, description="share of the images held out to score each epoch "
+                                                                  "(val_accuracy)")]
+TestFraction = Annotated[float, Field(gt=0.0, lt=1.0, description="share of the images held out for the test split "
+                                                                   "(recorded with the version; evaluate and compress "
+                                                                   "measure on it)")]
+LearningRate = Annotated[float, Field(gt=0, le=10, description="peak learning rate of AdamW's one-cycle schedule")]
+Seed = Annotated[int, Field(description="seed of the split, the initial weights and the augmentation")]
+FlipProbability = Annotated[float, Field(ge=0, le=1, description="chance that a training image is mirrored "
+                                                                 "left-right")]
+ImageSize = Annotated[int, Field(ge=8, le=1024, description="side of the model's input in pixels (unset: the "
+                                                            "architecture's default)")]
+DatasetFolder = Annotated[str, Field(description="labelled images laid out as <root>/<class>/<file>")]
+ModelName = Annotated[str, Field(description="the name to register the model under (its next version)")]
+Workdir = Annotated[str, Field(description="folder for the digits dataset and the predictions (unset: $A2K_HOME/demo)")]
 HwDecoderLoad = Annotated[float, Field(ge=0.0, le=1.0, description="share of JPEG decoding on the GPU's hardware decoder (unset: from this card's decode profile, `a2k tune`, else 0.65)")]
 GpuMemoryGb = Annotated[float, Field(
     gt=0, le=4096, description="use at most this many GiB of GPU memory (e.g. 6, as an RTX A2000 6 GB; unset: "
@@ -92,7 +107,7 @@ def check_output_target(v: str) -> str:
         raise ValueError(f"output {v!r} exists and is not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".a2k-write-probe"
+        probe = path / f".a2k-write-probe-{uuid.uuid4().hex}"  # its own: two runs' checks at once do not meet
         probe.touch()
         probe.unlink()
     except OSError as e:
@@ -130,3 +145,51 @@ def _check_store_output(v: str) -> str:
     except OSError as e:
         raise ValueError(f"output {v!r} is not writable: {redact(str(e))}") from None
     return out.url_of(out.root)
+
+
+def check_dataset_folder(v: str) -> str:
+    """A labelled folder that exists, as a full path."""
+    path = Path(v).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"dataset {v!r} is not a folder; lay it out as <root>/<class>/<file>")
+    return str(path.resolve())
+
+
+def check_architecture(v: str) -> str:
+    """An architecture train can build: a built-in one, a torchvision classifier or timm:NAME; unknown names are
+    refused with the close matches, and NAME:WEIGHTS too (train builds with random initialisation)."""
+    from tasks.models.zoo import resolve_architecture  # imports torchvision: only where an architecture is given
+
+    spec = resolve_architecture(v)
+    if spec.weights:
+        raise ValueError(f"{v!r} names pretrained weights ({spec.weights}), which train does not download or load: it "
+                         f"builds {spec.name!r} with random initialisation; give {spec.name!r}, or import the weights "
+                         f"with `a2k models import FILE --arch {v}`")
+    return spec.name
+
+
+def check_model_spec(model: str, registry: str | None = None) -> str:
+    """A model that exists: a model folder, or a registry version, alias or bare NAME (its production alias) that
+    resolves now. Returned as given: the flow resolves it once itself, at its start."""
+    from tasks.models.entry import ENTRY_FILE
+    from tasks.models.registry import SCHEME, get_model
+
+    if not model.startswith(SCHEME):
+        if (Path(model).expanduser() / ENTRY_FILE).is_file():
+            return model
+        if "/" in model:
+            raise ValueError(f"model {model!r} is neither a model folder (no {ENTRY_FILE} in it) nor a registry "
+                             "reference; give models:/NAME/VERSION, models:/NAME@ALIAS, NAME or a model folder")
+    get_model(model, registry)
+    return model
+
+
+def one_line(e: ValidationError) -> ValueError:
+    """A config's pydantic errors as one ValueError line naming each bad value (a validator's own sentence as it
+    is), for the CLI and for a failed run's state message alike."""
+    lines = []
+    for err in e.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        name = ".".join(str(part) for part in err["loc"])
+        lines.append(message if err["type"] == "value_error" else f"{name} {err.get('input')!r}: {message}")
+    return ValueError("; ".join(lines))

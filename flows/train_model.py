@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from tasks.devices import resolve_device
 from tasks.home import a2k_home
-from flows.params import ArchName, BatchSize, DeviceSpec, Epochs, Fraction, Threads
+from flows.params import (
+    ArchName, BatchSize, DatasetFolder, DeviceSpec, Epochs, FlipProbability, ImageSize, LearningRate, ModelName,
+    RegistryUrl, Seed, TestFraction, Threads, ValFraction, check_architecture, check_dataset_folder, one_line,
+)
 from tasks.models.entry import check_model_name, default_preprocessing
-from tasks.models.zoo import resolve_architecture
 from tasks.images.preprocess import Preprocessing
 from tasks.models.prefect_tasks import register_model_task
 from tasks.train.prefect_tasks import split_dataset_task, train_classifier_task
@@ -32,12 +33,12 @@ class TrainModelConfig(BaseModel):
     name: str
     epochs: Epochs
     batch_size: BatchSize
-    learning_rate: float = Field(gt=0, le=10)
+    learning_rate: LearningRate
     seed: int
-    val_fraction: Fraction
-    test_fraction: Fraction
-    flip_probability: float = Field(ge=0, le=1)
-    image_size: int | None = Field(ge=8, le=1024)
+    val_fraction: ValFraction
+    test_fraction: TestFraction
+    flip_probability: FlipProbability
+    image_size: ImageSize | None
     device: DeviceSpec
     num_threads: Threads | None
     registry: str | None
@@ -45,20 +46,12 @@ class TrainModelConfig(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _dataset_is_folder(cls, v: str) -> str:
-        path = Path(v).expanduser()
-        if not path.is_dir():
-            raise ValueError(f"dataset {v!r} is not a folder; lay it out as <root>/<class>/<file>")
-        return str(path.resolve())
+        return check_dataset_folder(v)
 
     @field_validator("arch")
     @classmethod
     def _arch_known(cls, v: str) -> str:
-        spec = resolve_architecture(v)  # unknown: refused with the close matches
-        if spec.weights:
-            raise ValueError(f"{v!r} names pretrained weights ({spec.weights}), which train does not download or "
-                             f"load: it builds {spec.name!r} with random initialisation; give {spec.name!r}, or import "
-                             "the weights with `a2k models import FILE --arch " + v + "`")
-        return spec.name
+        return check_architecture(v)
 
     @field_validator("name")
     @classmethod
@@ -76,28 +69,31 @@ class TrainModelConfig(BaseModel):
 
 @flow(name="train-model")
 def train_model(
-    dataset: str,
-    name: str,
+    dataset: DatasetFolder,
+    name: ModelName,
     arch: ArchName = "seed-cnn",
     epochs: Epochs = 10,
     batch_size: BatchSize = 64,
-    learning_rate: float = 2e-3,
-    seed: int = 0,
-    val_fraction: Fraction = 0.15,
-    test_fraction: Fraction = 0.15,
-    flip_probability: float = 0.5,
-    image_size: int | None = None,
+    learning_rate: LearningRate = 2e-3,
+    seed: Seed = 0,
+    val_fraction: ValFraction = 0.15,
+    test_fraction: TestFraction = 0.15,
+    flip_probability: FlipProbability = 0.5,
+    image_size: ImageSize | None = None,
     device: DeviceSpec = "auto",
     num_threads: Threads | None = None,
-    registry: str | None = None,
+    registry: RegistryUrl | None = None,
 ) -> dict[str, Any]:
     """Train `arch` on `dataset` (<root>/<class>/<file>) with a seeded train/val/test split and register it
     as the next version of `name` (registry default: $A2K_HOME/models), with the exact split manifests."""
-    cfg = TrainModelConfig(
-        dataset=dataset, arch=arch, name=name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-        seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, flip_probability=flip_probability,
-        image_size=image_size, device=device, num_threads=num_threads, registry=registry,
-    )
+    try:  # a bad value fails the run in one line naming it, the line the CLI prints
+        cfg = TrainModelConfig(
+            dataset=dataset, arch=arch, name=name, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+            seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, flip_probability=flip_probability,
+            image_size=image_size, device=device, num_threads=num_threads, registry=registry,
+        )
+    except ValidationError as e:
+        raise one_line(e) from None
     dev = resolve_device(cfg.device)
     pre = cfg.preprocessing()
     train_cfg = TrainConfig(

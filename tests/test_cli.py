@@ -1,10 +1,11 @@
 """The command line, called in-process as a user would type it."""
 
+import argparse
 import json
 
 import pytest
 
-from a2k.cli import main
+from a2k.cli import _parser, main, subparsers
 from tasks.models.registry import get_model, register_model
 
 
@@ -112,3 +113,31 @@ def test_models_import_takes_the_class_names_of_named_weights_or_asks_for_labels
     assert main([*base, "--arch", "squeezenet1_1:IMAGENET1K_V1"]) == 0
     entry = get_model("models:/sq/1", registry).entry
     assert entry.num_classes == 1000 and entry.lineage["weights"] == "SqueezeNet1_1_Weights.IMAGENET1K_V1"
+
+
+def test_models_list_keeps_its_columns_with_several_aliases(capsys, registry):
+    for alias in ("production", "candidate", "nightly-eval"):
+        assert main(["models", "promote", "models:/seed/2", "--alias", alias, "--registry", registry]) == 0
+    capsys.readouterr()
+    assert main(["models", "list", "--registry", registry]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert "candidate,nightly-eval,production" in rows[1], rows
+    for column, cell in (("ARCH", "seed-cnn"), ("TEST ACC", " MB")):  # each row's cell starts where its column does
+        assert {row.index(cell) + (len(cell) + 2 if cell == " MB" else 0) for row in rows} == {header.index(column)}
+
+
+@pytest.mark.parametrize("command", sorted(subparsers(_parser(None))) + [""])
+def test_every_option_of_every_command_has_help_and_shows_its_default(capsys, command):
+    words = command.split()
+    parser = subparsers(_parser(words[0]))[command] if words else _parser(None)
+    with pytest.raises(SystemExit):
+        main([*words, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        assert action.help and len(action.help) > 8, (command, action.dest)
+        if action.default not in (None, False, "", argparse.SUPPRESS):
+            default = action.default
+            shown = " ".join(map(str, default)) if isinstance(default, list) else getattr(default, "value", default)
+            assert f"(default: {shown})" in text, (command, action.dest)

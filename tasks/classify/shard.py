@@ -36,6 +36,7 @@ from tasks.images.preprocess import Preprocessing
 from tasks.images.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
 from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders, read_processes_available
 from tasks.models.entry import read_entry
+from tasks.progress import advance_images
 from tasks.storage import is_url
 from tasks.targets import plan_budget
 
@@ -248,6 +249,7 @@ class ShardClassifier:
                 if isinstance(batch, BaseException):
                     raise batch
                 err_rows += [(uris[i], f) for i, f in batch.failures]
+                advance_images(len(batch.failures) + len(batch.rows))  # the terminal's display, where there is one
                 if batch.images is None:
                     continue
                 timing.first_batch_at = timing.first_batch_at or time.time()

@@ -19,6 +19,7 @@ from tasks.devices import Device
 from tasks.images.decode import ImageDecoder, decode_files
 from tasks.models.entry import build_model
 from tasks.images.preprocess import Augmentation, Preprocessing
+from tasks.progress import progress_step
 
 SPLITS = ("train", "val", "test")
 
@@ -150,18 +151,25 @@ def train_classifier(
     loss_fn = nn.CrossEntropyLoss()
     rng = np.random.default_rng(cfg.seed)
     history = []
-    def step_schedule() -> None:
-        if schedule.last_epoch + 1 < steps:
-            schedule.step()
+    n_train = len(train.uris)
+    seen = {"epochs": 0, "batches": 0}  # for the terminal's display: training images done, of epochs x the split
 
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        loss = train_epoch(model, train, rng.permutation(len(train.uris)), optimizer, step_schedule,
-                           lambda logits, target, _: loss_fn(logits, target))
-        history.append({"epoch": epoch, "loss": loss, "val_accuracy": accuracy(model, val),
-                        "seconds": time.perf_counter() - t0})
-        if on_epoch:
-            on_epoch(history[-1])
+    with progress_step(f"train ({cfg.epochs} epochs)", cfg.epochs * n_train) as shown:
+        def step_schedule() -> None:
+            if schedule.last_epoch + 1 < steps:
+                schedule.step()
+            seen["batches"] += 1
+            shown.reach(seen["epochs"] * n_train + min(seen["batches"] * cfg.batch_size, n_train))
+
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            seen.update(epochs=epoch - 1, batches=0)
+            loss = train_epoch(model, train, rng.permutation(n_train), optimizer, step_schedule,
+                               lambda logits, target, _: loss_fn(logits, target))
+            history.append({"epoch": epoch, "loss": loss, "val_accuracy": accuracy(model, val),
+                            "seconds": time.perf_counter() - t0})
+            if on_epoch:
+                on_epoch(history[-1])
     metrics = {
         "train_loss": history[-1]["loss"],
         "val_accuracy": history[-1]["val_accuracy"],

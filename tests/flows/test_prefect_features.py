@@ -61,6 +61,7 @@ def test_a_run_leaves_a_progress_and_a_table_artifact(photos_dir, seed_model_dir
                               device="cpu", shard_size=4)
     progress = Artifact.get("classify-images-progress")
     assert progress.type == "progress" and float(progress.data) == 100.0
+    assert progress.description == "images classified, of 9 in 3 shards"  # images, not only shards
     assert str(progress.flow_run_id) == summary["run_id"]
     table = Artifact.get("classify-images-shards")
     rows = json.loads(table.data)
