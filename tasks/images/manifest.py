@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from tasks.images.s3_reads import head_object, list_prefix
 from tasks.images.names import missing_uri, path_of_uri, uri_of_path, uri_refusal
 from tasks.storage import filesystem, full_url, is_url, object_paths, read_parquet, redact, sha256_of, write_parquet
 
@@ -174,33 +175,41 @@ def _skipped_name(name: str) -> str | None:
 
 
 def _list_objects(source: str) -> pa.Table:
-    """The images under an object-store prefix, from one recursive listing (paginated by the store)."""
+    """The images under an object-store prefix, from one recursive listing (pages of 1,000 keys through obstore:
+    tasks.images.s3_reads)."""
     fs, root = filesystem(source)
     expected = "give a prefix of images or a .parquet manifest"
-    try:
-        found = fs.find(root, detail=True)
-    except FileNotFoundError as e:  # e.g. no such bucket
-        raise FileNotFoundError(f"input {source!r} does not exist ({redact(str(e))}); {expected}") from None
-    if root in found:
-        raise ValueError(f"input {source!r} is an object but not a .parquet manifest; {expected}")
-    if not found:
-        raise FileNotFoundError(f"input {source!r} does not exist (no object under it); {expected}")
     rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     skipped: Counter[str] = Counter()
-    for path, info in found.items():
-        relative = path[len(root) + 1 :]
-        name = relative.rsplit("/", 1)[-1]
-        if info.get("type") != "file" or not name:  # a folder, or a folder marker (a key ending in /)
-            continue
-        if why := _skipped_name(name):
-            skipped[why] += 1
-            continue
-        rows["uri"].append(full_url(fs, path))
-        rows["bytes"].append(info["size"])
-        rows["mtime_ns"].append(_modified_ns(info))
-        rows["label"].append(relative.split("/", 1)[0] if relative.count("/") == 1 else None)
-        rows["etag"].append(_etag(info))
+    listed = 0
+    try:
+        for info in list_prefix(source):
+            listed += 1
+            _add_object(rows, skipped, fs, root, info)
+    except FileNotFoundError as e:  # e.g. no such bucket
+        raise FileNotFoundError(f"input {source!r} does not exist ({redact(str(e))}); {expected}") from None
+    if not listed and head_object(source) is not None:
+        raise ValueError(f"input {source!r} is an object but not a .parquet manifest; {expected}")
+    if not listed:
+        raise FileNotFoundError(f"input {source!r} does not exist (no object under it); {expected}")
     return with_skipped(sort_manifest(pa.table(rows, schema=MANIFEST_SCHEMA)), skipped)
+
+
+def _add_object(rows: dict[str, list], skipped: Counter[str], fs: Any, root: str, info: dict[str, Any]) -> None:
+    """One listed object's manifest row, or its count in `skipped`."""
+    path = info["path"]
+    relative = path[len(root) + 1 :]
+    name = relative.rsplit("/", 1)[-1]
+    if not name:  # a folder marker (a key ending in /)
+        return
+    if why := _skipped_name(name):
+        skipped[why] += 1
+        return
+    rows["uri"].append(full_url(fs, path))
+    rows["bytes"].append(info["size"])
+    rows["mtime_ns"].append(_modified_ns(info))
+    rows["label"].append(relative.split("/", 1)[0] if relative.count("/") == 1 else None)
+    rows["etag"].append(_etag(info))
 
 
 def _modified_ns(info: dict[str, Any]) -> int:
