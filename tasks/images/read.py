@@ -217,7 +217,8 @@ def read_objects(uris: list[str]) -> list[bytes | memoryview | Failure]:
     odd = [k for k, r in enumerate(results) if is_unnamed_key(r)]
     for k, r in zip(odd, _read_through_s3fs([wanted[k] for k in odd])):
         results[k] = r
-    fetched = iter([r if isinstance(r, (bytes, memoryview)) else _read_failure(uri, r) for uri, r in zip(wanted, results)])
+    fetched = iter([r if isinstance(r, (bytes, memoryview)) else _read_failure(uri, r)
+                    for uri, r in zip(wanted, results)])
     return [r if r is not None else next(fetched) for r in refused]
 
 

@@ -1,5 +1,5 @@
 """Reads and listings of s3:// objects through obstore, a Rust client: many GETs in flight on one event loop for a
-fraction of the CPU s3fs spends per object (bench/NOTES.md, 'S3 reads through obstore'). s3fs stays a2k's
+fraction of the CPU s3fs spends per object (bench/NOTES.md, 'Issue #23'). s3fs stays a2k's
 interface for everything else on S3 (outputs, conditional creates, the registry, manifests): few requests each.
 
 Connection settings are the standard AWS ones: credentials from botocore's chain (environment, ~/.aws files,
@@ -41,6 +41,17 @@ _SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AW
 def connection_settings() -> tuple[tuple[str, str], ...]:
     """The AWS variables of this process that decide how objects are reached (to hand to a reader process)."""
     return tuple((name, os.environ[name]) for name in _SETTINGS if name in os.environ)
+
+
+def use_settings(settings: tuple[tuple[str, str], ...]) -> None:
+    """Make `settings` (another process's `connection_settings`) this process's AWS variables: in a reader process,
+    whose environment is its forkserver's, copied when that started."""
+    given = dict(settings)
+    for name in _SETTINGS:
+        if name in given:
+            os.environ[name] = given[name]
+        else:
+            os.environ.pop(name, None)
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -170,7 +181,8 @@ def _list_through_s3fs(source: str, after: str) -> Iterator[dict[str, Any]]:
     fs.invalidate_cache(root)
     for path, info in fs.find(root, detail=True).items():
         if info.get("type") == "file" and path > after:
-            yield {"path": path, "size": info["size"], "LastModified": info.get("LastModified"), "ETag": info.get("ETag")}
+            yield {"path": path, "size": info["size"], "LastModified": info.get("LastModified"),
+                   "ETag": info.get("ETag")}
 
 
 def head_object(uri: str) -> dict[str, Any] | None:

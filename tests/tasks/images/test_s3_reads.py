@@ -8,6 +8,7 @@ import s3fs
 
 from tasks.images.manifest import list_images
 from tasks.images.read import ErrorKind, Failure, read_objects
+from tasks.images.read_procs import ProcessReaders
 from tasks.images.s3_reads import list_prefix
 from tests.conftest import photo_paths
 from tests.s3_faults import Fault, FaultyS3Proxy
@@ -93,3 +94,25 @@ def test_a_listing_of_more_than_one_page_has_every_key_once_with_its_etag(s3_buc
     listed = list(list_prefix(f"s3://{s3_bucket}/in"))
     assert sorted(o["path"] for o in listed) == sorted(objects)
     assert all(o["ETag"].strip('"') == hashlib.md5(objects[o["path"]]).hexdigest() for o in listed)
+
+
+def test_reader_processes_fetch_objects_into_shared_memory_under_the_settings_of_the_moment(
+        s3_endpoint, s3_bucket, store, monkeypatch):
+    """The processes start while AWS_ENDPOINT_URL names a port nothing listens on; the store's address given after
+    (as a test, or a user's next run in the same process, sets it) is the one they use."""
+    photos = [p.read_bytes() for p in photo_paths(5)]
+    store.pipe({f"{s3_bucket}/in/{i}.jpg": v for i, v in enumerate(photos)})
+    store.pipe_file(f"{s3_bucket}/in/text.jpg", b"plain text")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    readers = ProcessReaders(workers=2, slots=1, slot_bytes=1 << 20)  # room for ~2 photos: the rest come as bytes
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+        uris = [f"s3://{s3_bucket}/in/{k}.jpg" for k in [*range(5), "text", "gone"]]
+        got = readers.load(uris, 0)
+    finally:
+        readers.close()
+    assert [bytes(b.data) for b in got[:5]] == photos
+    assert any(isinstance(b.data, memoryview) for b in got[:5])  # in the slot
+    assert [(b.kind, b.message) for b in got[5:]] == [
+        (ErrorKind.NOT_AN_IMAGE, "not a recognised image format (the header matches none)"),
+        (ErrorKind.VANISHED, f"object vanished after it was listed: {uris[6]}")]
