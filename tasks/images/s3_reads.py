@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # takes thousands per second, and each request waits mostly on the network
 IN_FLIGHT = 64
 DEFAULT_ATTEMPTS = 5  # botocore's legacy mode, which s3fs uses unless AWS_MAX_ATTEMPTS says otherwise
+_WHOLE = 1 << 50  # the end of a range that takes a whole object: a store answers a range past the end with all of it
 LIST_PAGE = 1000  # keys per ListObjectsV2 page: S3's largest
 # what decides the store a process builds; a store is kept per bucket and settings, so a test (or a user) that
 # changes them gets a new one
@@ -125,8 +126,13 @@ async def _fetch_all(uris: list[str], in_flight: int) -> list[memoryview | BaseE
         store = stores.get(bucket) or stores.setdefault(bucket, store_for(bucket))
         async with slots:
             try:
-                result = await obstore.get_async(store, key)
-                return memoryview(await result.bytes_async())
+                try:  # one call into obstore rather than two (GET, then its body): ~20% less CPU per object
+                    return memoryview(await obstore.get_range_async(store, key, start=0, end=_WHOLE))
+                except GenericError as e:
+                    if "416" not in str(e):
+                        raise
+                # an empty object refuses every range (416): asked for whole
+                return memoryview(await (await obstore.get_async(store, key)).bytes_async())
             except Exception as e:  # noqa: BLE001 - one object's failure; the caller makes it that object's row
                 return e
 
