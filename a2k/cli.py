@@ -194,8 +194,8 @@ def _run(args: argparse.Namespace) -> Any:
     """Run the command; for a fresh classify process, the worker to close before a fast exit (else None)."""
     if args.command == "classify":
         s, worker = _classify(args)
-        print(f"{s['predicted']} predicted, {s['errors']} errors of {s['listed']} images, "
-              f"{s['images_per_second']} images/s on {s['device']}")
+        rate = "none classified in this run" if s["images_per_second"] is None else f"{s['images_per_second']} images/s"
+        print(f"{s['predicted']} predicted, {s['errors']} errors of {s['listed']} images, {rate} on {s['device']}")
         if s.get("skipped"):  # folder entries that are no image: said, so nothing in the input goes unmentioned
             from tasks.images.manifest import describe_skipped  # loaded by the run already
 

@@ -30,6 +30,7 @@ from tasks.devices import resolve_device
 from tasks.images.manifest import nothing_listed
 from tasks.images.prefect_tasks import list_images_task
 from tasks.models.compiled import check_runs_here
+from tasks.models import model_label
 from tasks.models.entry import WeightsFormat, read_entry, verify_weights
 from tasks.models.registry import resolve_model
 from tasks.progress import progress_step
@@ -92,7 +93,7 @@ def classify_images(
     if dev.is_cuda and ensure_gpu_limit():
         log.info("created the global concurrency limit %r with one slot per card of this machine", GPU_LIMIT)
     ctx = RunContext(entry.name, entry.version, entry.weights_sha256, str(flow_run.id), top_k)
-    log.info("model %s resolved to %s v%s (sha256 %s…) on %s", model, entry.name, entry.version,
+    log.info("model %s resolved to %s (sha256 %s…) on %s", model, model_label(entry.name, entry.version),
              entry.weights_sha256[:12], dev)
 
     out = Output(output)
@@ -138,7 +139,7 @@ def classify_images(
                    "task_runner": task_runner.value, **given, **({"budget": budget.describe()} if target else {})},
         )
         report = report_task(out.url, summary["parts"], list(entry.class_names),
-                             f"{entry.name} v{entry.version} on {given['input_given']}")
+                             f"{model_label(entry.name, entry.version)} on {given['input_given']}")
         create_markdown_artifact(summary_markdown(summary) + report, key=artifact_key("summary"),
                                  description=f"a2k run summary: {given['input_given']} with {model}")
         create_table_artifact(shard_table(plan, outcomes), key=artifact_key("shards"),
@@ -172,7 +173,7 @@ def _classify_shards(
     def percent() -> float:
         return 100.0 * done() / images if images else 100.0
 
-    progress = create_progress_artifact(percent(), key="classify-images-progress",
+    progress = create_progress_artifact(percent(), key=artifact_key("progress"),
                                         description=f"images classified, of {images} in {len(plan.shards)} shards")
     if not todo:
         return outcomes

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from tasks.classify.output import ERRORS_DIR, Output
 from tasks.classify.plan import RunContext, RunPlan, ShardOutcome
+from tasks.models import model_label
 from tasks.classify.sink import committed_parts, read_error_rows, read_part_rows, settle_empty_parts, write_run_marker
 from tasks.classify.state import RunState, remove_state, state_rows, write_state
 from tasks.images.manifest import describe_skipped, skipped_counts
@@ -132,7 +133,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "|---|---|",
         f"| input | `{summary.get('input_given', summary.get('input'))}` |",
         f"| output | `{summary['output']}` |",
-        f"| model | {summary.get('model_given', m['name'])} -> {m['name']} v{m['version']} (`{m['sha256'][:12]}`) |",
+        f"| model | {summary.get('model_given', m['name'])} -> {model_label(m['name'], m['version'])} (`{m['sha256'][:12]}`) |",
         f"| device | {summary['device']} |",
         f"| images listed | {summary['listed']} ({describe_skipped(summary.get('skipped') or {})}) |",
         f"| predicted | {summary['predicted']} |",

@@ -37,7 +37,6 @@ from tasks.images.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
 from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders, read_processes_available
 from tasks.models.entry import read_entry
 from tasks.progress import advance_images
-from tasks.storage import is_url
 from tasks.targets import plan_budget
 
 log = logging.getLogger(__name__)
@@ -182,10 +181,10 @@ class ShardClassifier:
         return decoder
 
     def _start_read_processes(self, workers: int, threads: str, batch_size: int) -> tuple[ProcessReaders | None, str]:
-        """Reader processes for local files, or None (threads read them) where they cannot run; and how local
-        files are read, in words, for the shard's log line and the run's summary. S3 objects are always fetched
-        by the filesystem's event loop. The slots are sized for `batch_size` images (sparse: unread pages take
-        no memory)."""
+        """Reader processes for local files and S3 objects (each process fetches with its own obstore client), or
+        None (threads of this process read them) where they cannot run; and how images are read, in words, for the
+        shard's log line and the run's summary. The slots are sized for `batch_size` images (sparse: unread pages
+        take no memory)."""
         if workers < 1:
             return None, threads
         slot_bytes = max(MIN_SLOT_BYTES, batch_size * SLOT_BYTES_PER_IMAGE)
@@ -271,7 +270,7 @@ class ShardClassifier:
 
         def read(n: int) -> Future:
             batch = [uris[i] for i in batches[n]]
-            if self.process_readers is not None and not is_url(batch[0]):
+            if self.process_readers is not None:
                 return self.read_stage.submit(self.process_readers.load, batch, n % ARENAS, max_pixels)
             return self.read_stage.submit(load_blobs, batch, self.readers, max_pixels, self.arenas[n % ARENAS])
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tasks.compress.recipes import RECIPES, RecipeConfig
+from tasks.models import STAGED_VERSION
 from tasks.devices import Device
 from tasks.models.entry import ModelEntry, WeightsFormat, build_model, save_model_dir, write_entry
 
@@ -126,7 +127,7 @@ def save_candidate(candidate: Candidate, directory: Path, entry: ModelEntry, lin
         raise ValueError("compression writes a state dict, int8 weights or a torch.export program, not TorchScript")
     directory.mkdir(parents=True, exist_ok=True)
     architecture = candidate.architecture or entry.architecture
-    fields = dict(name=entry.name, version="0", architecture=architecture, class_names=list(entry.class_names),
+    fields = dict(name=entry.name, version=STAGED_VERSION, architecture=architecture, class_names=list(entry.class_names),
                   preprocessing=entry.preprocessing, metrics=metrics, lineage=lineage)
     for name, data in candidate.files.items():
         (directory / name).write_bytes(data)

@@ -9,7 +9,6 @@ import functools
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -138,33 +137,42 @@ def _broken_link(path: str) -> str | None:
 
 
 def walk_objects(source: str, skipped: Counter[str]) -> Rows:
-    """The images under an object-store prefix, from one recursive listing (paginated by the store); what else
-    is there is counted in `skipped` as `skipped_name` says."""
+    """The images under an object-store prefix, from one recursive listing (pages of 1,000 keys through obstore:
+    tasks.images.s3_reads); what else is there is counted in `skipped` as `skipped_name` says."""
+    from tasks.images.s3_reads import head_object, list_prefix
+
     fs, root = filesystem(source)
     expected = "give a prefix of images or a .parquet manifest"
+    rows: Rows = {name: [] for name in ("uri", "bytes", "mtime_ns", "label", "etag")}
+    listed = 0
     try:
-        found = fs.find(root, detail=True)
+        for info in list_prefix(source):
+            listed += 1
+            _add_object(rows, skipped, fs, root, info)
     except FileNotFoundError as e:  # e.g. no such bucket
         raise FileNotFoundError(f"input {source!r} does not exist ({redact(str(e))}); {expected}") from None
-    if root in found:
+    if not listed and head_object(source) is not None:
         raise ValueError(f"input {source!r} is an object but not a .parquet manifest; {expected}")
-    if not found:
+    if not listed:
         raise FileNotFoundError(f"input {source!r} does not exist (no object under it); {expected}")
-    rows: Rows = {name: [] for name in ("uri", "bytes", "mtime_ns", "label", "etag")}
-    for path, info in found.items():
-        relative = path[len(root) + 1 :]
-        name = relative.rsplit("/", 1)[-1]
-        if info.get("type") != "file" or not name:  # a folder, or a folder marker (a key ending in /)
-            continue
-        if why := skipped_name(name):
-            skipped[why] += 1
-            continue
-        rows["uri"].append(full_url(fs, path))
-        rows["bytes"].append(info["size"])
-        rows["mtime_ns"].append(modified_ns(info))
-        rows["label"].append(relative.split("/", 1)[0] if relative.count("/") == 1 else None)
-        rows["etag"].append(etag_of(info))
     return rows
+
+
+def _add_object(rows: Rows, skipped: Counter[str], fs: Any, root: str, info: dict[str, Any]) -> None:
+    """One listed object's manifest row, or its count in `skipped`."""
+    path = info["path"]
+    relative = path[len(root) + 1 :]
+    name = relative.rsplit("/", 1)[-1]
+    if not name:  # a folder marker (a key ending in /)
+        return
+    if why := skipped_name(name):
+        skipped[why] += 1
+        return
+    rows["uri"].append(full_url(fs, path))
+    rows["bytes"].append(info["size"])
+    rows["mtime_ns"].append(modified_ns(info))
+    rows["label"].append(relative.split("/", 1)[0] if relative.count("/") == 1 else None)
+    rows["etag"].append(etag_of(info))
 
 
 def modified_ns(info: dict[str, Any]) -> int:

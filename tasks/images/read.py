@@ -16,6 +16,7 @@ from PIL import Image
 
 from tasks.images.names import path_of_uri, uri_refusal
 from tasks.images.formats import is_truncated, pillow_reason, plain_jpeg_size, signature
+from tasks.images.s3_reads import describe, fetch_objects, is_permission_error, is_unnamed_key
 from tasks.storage import is_url, object_paths, redact
 
 # Formats DALI's image decoder reads (PIL's names for them), and those only Pillow decodes here (the first
@@ -205,19 +206,30 @@ def _unreadable_header(data: bytes, error: Exception) -> Failure:
     return Failure(ErrorKind.NOT_AN_IMAGE, f"not a recognised image format ({what}){detail}"[:500])
 
 
-def read_objects(uris: list[str]) -> list[bytes | Failure]:
-    """The bytes of many objects (s3://...) in one concurrent request batch on the filesystem's event loop,
-    or the reason each cannot be had; order follows `uris`. botocore retries throttling and transient
-    network errors with back-off, so a failure here is final."""
+def read_objects(uris: list[str]) -> list[bytes | memoryview | Failure]:
+    """The bytes of many objects (s3://...), fetched concurrently through obstore (tasks.images.s3_reads), or the
+    reason each cannot be had; order follows `uris`. obstore retries throttling, 5xx answers and dropped
+    connections with back-off, so a failure here is final."""
     refused = [refused_uri(u) for u in uris]
     wanted = [u for u, r in zip(uris, refused) if r is None]
     if not wanted:
         return refused
-    fs, paths = object_paths(wanted)
-    # cat_ranges rather than cat: cat expands "[", "*" and "?" in keys as globs and drops what they miss
-    results = iter(fs.cat_ranges(paths, None, None, on_error="return"))
-    fetched = iter([r if isinstance(r, bytes) else _read_failure(uri, r) for uri, r in zip(wanted, results)])
+    results = fetch_objects(wanted)
+    odd = [k for k, r in enumerate(results) if is_unnamed_key(r)]
+    for k, r in zip(odd, _read_through_s3fs([wanted[k] for k in odd])):
+        results[k] = r
+    fetched = iter([r if isinstance(r, (bytes, memoryview)) else _read_failure(uri, r)
+                    for uri, r in zip(wanted, results)])
     return [r if r is not None else next(fetched) for r in refused]
+
+
+def _read_through_s3fs(uris: list[str]) -> list[bytes | BaseException]:
+    """Objects whose keys obstore cannot name ('a//b.jpg', 'a/./b.jpg'), through s3fs; botocore retries."""
+    if not uris:
+        return []
+    fs, paths = object_paths(uris)
+    # cat_ranges rather than cat: cat expands "[", "*" and "?" in keys as globs and drops what they miss
+    return fs.cat_ranges(paths, None, None, on_error="return")
 
 
 def _read_failure(uri: str, error: BaseException) -> Failure:
@@ -225,9 +237,9 @@ def _read_failure(uri: str, error: BaseException) -> Failure:
         raise error
     if isinstance(error, FileNotFoundError):
         return Failure(ErrorKind.VANISHED, f"object vanished after it was listed: {uri}")
-    if isinstance(error, PermissionError):
-        return Failure(ErrorKind.UNREADABLE, redact(f"permission denied: {error}"))
-    return Failure(ErrorKind.UNREADABLE, redact(f"read failed: {type(error).__name__}: {error}")[:500])
+    if is_permission_error(error):
+        return Failure(ErrorKind.UNREADABLE, redact(f"permission denied: {describe(error)}")[:500])
+    return Failure(ErrorKind.UNREADABLE, redact(f"read failed: {type(error).__name__}: {describe(error)}")[:500])
 
 
 def checked_blob(data: bytes | memoryview, max_pixels: int = DEFAULT_MAX_PIXELS) -> Blob | Failure:

@@ -14,7 +14,9 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-from tasks.images.read import DEFAULT_MAX_PIXELS, Blob, Failure, checked_blob, read_image
+from tasks.images.read import DEFAULT_MAX_PIXELS, Blob, Failure, checked_blob, read_image, read_objects, refused_uri
+from tasks.images.s3_reads import connection_settings, use_settings
+from tasks.storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,12 @@ def _worker_pid() -> int:
     return os.getpid()
 
 
-def _read_chunk(slot: int, start: int, size: int, uris: list[str], max_pixels: int) -> list:
-    """In a worker: read and check `uris` into bytes [start, start + size) of a slot, split among its threads."""
+def _read_chunk(slot: int, start: int, size: int, uris: list[str], max_pixels: int,
+                settings: tuple[tuple[str, str], ...] | None = None) -> list:
+    """In a worker: read and check `uris` into bytes [start, start + size) of a slot, split among its threads.
+    Objects in a store (`settings`: the owner's AWS variables) are fetched concurrently by this process's client."""
+    if settings is not None:
+        return _fetch_chunk(slot, start, size, uris, max_pixels, settings)
     pool, threads = _THREADS[0]
     per = -(-len(uris) // threads) or 1
     parts = -(-len(uris) // per)
@@ -119,6 +125,31 @@ def _read_part(slot: int, start: int, size: int, uris: list[str], max_pixels: in
         item = data if isinstance(data, Failure) else checked_blob(data, max_pixels)
         if isinstance(item, Blob) and isinstance(item.data, memoryview):
             item = (start + offset, len(item.data), item.pillow_reason)
+        out.append(item)
+    return out
+
+
+def _fetch_chunk(slot: int, start: int, size: int, uris: list[str], max_pixels: int,
+                 settings: tuple[tuple[str, str], ...]) -> list:
+    """`_read_part` for objects in a store: fetched together (obstore, IN_FLIGHT at a time), then each copied into
+    the slot and checked. The forkserver's environment is the owner's as it was at the first start, so the owner's
+    current AWS variables come with each chunk."""
+    use_settings(settings)
+    region = _Region(_SLOTS[slot][start : start + size])
+    out: list = []
+    for data in read_objects(uris):
+        if isinstance(data, Failure):
+            out.append(data)
+            continue
+        offset = region.used
+        if (view := region.take(len(data))) is not None:
+            view[:] = data
+            data = view
+        item = checked_blob(data, max_pixels)
+        if isinstance(item, Blob) and item.data is view and view is not None:
+            item = (start + offset, len(view), item.pillow_reason)
+        elif isinstance(item, Blob) and not isinstance(item.data, bytes):
+            item = Blob(bytes(item.data), item.pillow_reason)  # a view of obstore's buffer does not pickle
         out.append(item)
     return out
 
@@ -167,11 +198,14 @@ class ProcessReaders:
         raise RuntimeError(f"{len(seen)} of {self.workers} reader processes started")
 
     def load(self, uris: list[str], slot: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Blob | Failure]:
-        """`load_blobs` for local files, in the worker processes; order follows `uris`."""
+        """`load_blobs` in the worker processes (local files, or objects in a store each process fetches with its
+        own client); order follows `uris`."""
         per = -(-len(uris) // self.workers) or 1
         chunks = [uris[i : i + per] for i in range(0, len(uris), per)]
         share = self.slot_bytes // max(len(chunks), 1)
-        futures = [self._pool.submit(_read_chunk, slot, k * share, share, chunk, max_pixels)
+        first = next((u for u in uris if refused_uri(u) is None), None)
+        settings = connection_settings() if first is not None and is_url(first) else None
+        futures = [self._pool.submit(_read_chunk, slot, k * share, share, chunk, max_pixels, settings)
                    for k, chunk in enumerate(chunks)]
         view = self._views[slot]
         out: list[Blob | Failure] = []

@@ -22,10 +22,10 @@ from tasks.models.entry import (
     list_architectures,
     sha256_file, state_dict_problems, write_entry,
 )
+from tasks.models import STAGED_VERSION
 from tasks.models.exported import load_exported_program
 from tasks.images.preprocess import Preprocessing
 
-STAGED_VERSION = "0"  # the registry assigns the real version when it registers the staging directory
 _DATAPARALLEL_PREFIX = "module."
 _WRAPPER_KEYS = ("state_dict", "model")  # where training checkpoints usually keep the weights
 

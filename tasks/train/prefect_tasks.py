@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.devices import resolve_device
 from tasks.images.manifest import list_images, with_content_hashes, write_manifest
 from tasks.images.preprocess import Preprocessing
+from tasks.models import STAGED_VERSION
 from tasks.models.entry import save_model_dir
 from tasks.train.train import SPLITS, TrainConfig, split_counts, split_manifest, splits_dir, train_classifier
 
@@ -43,7 +44,7 @@ def train_classifier_task(
                        report["skipped_images"][:5])
     lineage = {**lineage, "history": report["history"], "skipped_images": report["skipped_images"]}
     entry = save_model_dir(
-        model, model_dir, name=name, version="0", architecture=arch, class_names=class_names,
+        model, model_dir, name=name, version=STAGED_VERSION, architecture=arch, class_names=class_names,
         preprocessing=pre, metrics=report["metrics"], lineage=lineage,
     )
     logger.info("trained %s: %s", entry.name, report["metrics"])

@@ -1,0 +1,216 @@
+"""S3 input at line rate (issue #23): objects/s and client CPU per object of a2k's S3 read path, and of its listing,
+against a local S3-compatible server, for the s3fs path a2k had (`cat_ranges`, 256 a batch) and the obstore one.
+
+    python3 bench/s3_reads.py --photos DIR [--objects 2000] [--server s3rver|moto] [--s3rver PATH] [--repeat 3]
+        [--processes 1 2]
+
+The server runs in its own process (its CPU is not the client's): s3rver (npm; `npm install s3rver` and give its
+`node_modules/.bin/s3rver` as --s3rver) or moto's server. `--objects` keys are uploaded, cycling through the JPEGs
+under --photos. Each pass reads every object once in batches of `--batch-size` as the shard's read stage does; client
+CPU is this process's CPU time (all its threads: s3fs's event loop, obstore's runtime) over the pass, divided by
+the objects read (`procsN`: plus the N reader processes' CPU; these also header-check each object and copy it
+into shared memory, as a shard's reads do). Listing: one recursive listing of the prefix (s3rver 3.7.1 fails
+ListObjectsV2 past 1,000 keys, so listings of more keys need --server moto and --list-keys N, whose server is
+slow: the client's CPU per key is the figure; `manifest` is the whole listing step of a run, obstore's pages and a2k's manifest table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.request import urlopen
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BUCKET = "a2k-bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(kind: str, s3rver: str | None, workdir: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    if kind == "s3rver":
+        if not s3rver:
+            raise SystemExit("--server s3rver needs --s3rver PATH (node_modules/.bin/s3rver of `npm install s3rver`)")
+        cmd = [s3rver, "--directory", workdir, "--address", "127.0.0.1", "--port", str(port), "--silent",
+               "--configure-bucket", BUCKET]
+        os.environ.update(AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER")
+    elif kind == "moto":
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    else:
+        raise SystemExit(f"--server {kind!r} is not one of: s3rver, moto")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urlopen(url, timeout=1).close()
+            break
+        except OSError as e:
+            if getattr(e, "code", None):  # an HTTP error answer: the server is up
+                break
+            time.sleep(0.1)
+    os.environ.update(AWS_ENDPOINT_URL=url, AWS_DEFAULT_REGION="us-east-1")
+    return proc, url
+
+
+def upload(photos: list[Path], n: int) -> list[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    datas = [p.read_bytes() for p in photos]
+    objects = {f"{BUCKET}/in/c{i % 100:03d}/img{i:07d}.jpg": datas[i % len(datas)] for i in range(n)}
+    keys = list(objects)
+    for i in range(0, n, 500):
+        fs.pipe({k: objects[k] for k in keys[i : i + 500]})
+    return [f"s3://{k}" for k in keys]
+
+
+def upload_tiny(n: int) -> None:
+    """`n` one-byte objects under list/<class>/ for a listing of more keys than the read objects."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    keys = [f"{BUCKET}/list/c{i % 100:03d}/img{i:07d}.jpg" for i in range(n)]
+    for i in range(0, n, 1000):
+        fs.pipe({k: b"x" for k in keys[i : i + 1000]})
+
+
+def read_s3fs(uris: list[str]) -> int:
+    """a2k's read path before obstore: one `cat_ranges` batch on s3fs's event loop."""
+    from tasks.storage import object_paths
+
+    fs, paths = object_paths(uris)
+    results = fs.cat_ranges(paths, None, None, on_error="return")
+    return sum(isinstance(r, bytes) for r in results)
+
+
+def read_obstore(uris: list[str]) -> int:
+    from tasks.images.read import read_objects
+
+    return sum(isinstance(r, memoryview) for r in read_objects(uris))
+
+
+class ReadProcesses:
+    """a2k's reader processes (`ProcessReaders`), each fetching its share of a batch with its own obstore client
+    into shared memory and header-checking it, as a shard's read stage does."""
+
+    def __init__(self, workers: int, batch_size: int) -> None:
+        from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders
+
+        self.readers = ProcessReaders(workers, 1, max(MIN_SLOT_BYTES, batch_size * SLOT_BYTES_PER_IMAGE))
+
+    def __call__(self, uris: list[str]) -> int:
+        from tasks.images.read import Blob
+
+        return sum(isinstance(b, Blob) for b in self.readers.load(uris, 0))
+
+    def pids(self) -> list[int]:
+        return list(self.readers._pool._processes)
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time of this process and of `pids` (reader processes, still running: not in RUSAGE_CHILDREN)."""
+    import psutil
+
+    total = time.process_time()
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def timed_pass(read, uris: list[str], batch_size: int, pids: list[int]) -> tuple[float, float, int]:
+    wall, cpu = time.perf_counter(), _cpu_seconds(pids)
+    got = sum(read(uris[i : i + batch_size]) for i in range(0, len(uris), batch_size))
+    return time.perf_counter() - wall, _cpu_seconds(pids) - cpu, got
+
+
+def list_s3fs(source: str) -> int:
+    from tasks.storage import filesystem
+
+    fs, root = filesystem(source)
+    fs.invalidate_cache()
+    return sum(1 for info in fs.find(root, detail=True).values() if info.get("type") == "file")
+
+
+def list_obstore(source: str) -> int:
+    from tasks.images.s3_reads import list_prefix
+
+    return sum(1 for _ in list_prefix(source))
+
+
+def manifest_obstore(source: str) -> int:
+    """The whole listing step a run takes: `list_images` (obstore's pages, then a2k's manifest table)."""
+    from tasks.images.manifest import list_images
+
+    return list_images(source).num_rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--photos", type=Path, required=True)
+    p.add_argument("--objects", type=int, default=2000)
+    p.add_argument("--server", default="s3rver")
+    p.add_argument("--s3rver", default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--paths", nargs="+", default=["s3fs", "obstore"], help="in this process: s3fs, obstore")
+    p.add_argument("--list-keys", type=int, default=0, help="list this many one-byte objects instead (moto)")
+    p.add_argument("--processes", nargs="*", type=int, default=[1, 2],
+                   help="reader process counts to run (fetch + header check in a2k's reader processes)")
+    args = p.parse_args()
+    photos = sorted(q for q in args.photos.rglob("*") if q.suffix.lower() in (".jpg", ".jpeg"))
+    if not photos:
+        raise SystemExit(f"--photos {str(args.photos)!r} holds no .jpg or .jpeg files")
+    with tempfile.TemporaryDirectory(prefix="a2k-s3-bench-") as workdir:
+        server, url = start_server(args.server, args.s3rver, workdir)
+        try:
+            uris = upload(photos, args.objects)
+            mean_kb = statistics.mean(len(photos[i % len(photos)].read_bytes()) for i in range(args.objects)) / 1e3
+            print(f"{args.objects} objects of {mean_kb:.1f} kB mean on {args.server} at {url}; batch {args.batch_size}")
+            readers = {"s3fs": read_s3fs, "obstore": read_obstore}
+            readers |= {f"procs{n}": ReadProcesses(n, args.batch_size) for n in args.processes}
+            listers = {"s3fs": list_s3fs, "obstore": list_obstore}
+            for name in args.paths + [f"procs{n}" for n in args.processes]:
+                readers[name](uris[: args.batch_size])  # warm-up: connections, imports
+                pids = readers[name].pids() if isinstance(readers[name], ReadProcesses) else []
+                for _ in range(args.repeat):
+                    wall, cpu, got = timed_pass(readers[name], uris, args.batch_size, pids)
+                    print(f"read {name:8s} {got:6d} objects  {got / wall:7.0f} objects/s  "
+                          f"{cpu / max(got, 1) * 1e3:6.3f} ms client CPU/object")
+            listers["manifest"] = manifest_obstore
+            prefix = f"s3://{BUCKET}/in"
+            if args.list_keys:
+                upload_tiny(args.list_keys)
+                prefix = f"s3://{BUCKET}/list"
+            for name in args.paths + ["manifest"]:
+                for _ in range(args.repeat):
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    got = listers[name](prefix)
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                    print(f"list {name:8s} {got:6d} keys     {got / wall:7.0f} keys/s     "
+                          f"{cpu / max(got, 1) * 1e6:6.1f} us client CPU/key")
+        finally:
+            for reader in readers.values() if "readers" in locals() else ():
+                if isinstance(reader, ReadProcesses):
+                    reader.readers.close()
+            server.terminate()
+            server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
