@@ -54,7 +54,7 @@ CASES = [
     ("train MISSING --name x", "dataset '{MISSING}' is not a folder; lay it out as <root>/<class>/<file>"),
     ("train PHOTOS --name x --batch-size 0", "--batch-size '0': Input should be greater than or equal to 1"),
     ("train PHOTOS --name x --device gpu2", "--device 'gpu2': device 'gpu2' is not one of"),
-    ("train PHOTOS --name x --arch nonet", "architecture 'nonet' is not known; available: "),
+    ("train PHOTOS --name x --arch nonet", "architecture 'nonet' is not known (no close match); give one of: "),
     ("train PHOTOS --name ../x", "model name '../x' is not allowed; use 1-128 letters"),
     ("evaluate nomodel", "model 'nomodel' is not in the registry '{A2K}/models'; models: none"),
     ("evaluate MODEL MISSING", "input '{MISSING}' does not exist"),
