@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from a2k import cli_compress, cli_models, cli_tune
+from a2k import cli_compress, cli_models, cli_tune, quiet
 from a2k.clock import process_age
 from a2k.cli_flows import FlowSpec, add_flow_arguments, check_flow_arguments, flow_arguments
 
@@ -172,6 +172,8 @@ def _is_refusal(e: BaseException) -> bool:
     """A bad argument or a refused request (printed as one line), not a failure of a2k's."""
     if isinstance(e, (ValueError, FileNotFoundError, FileExistsError)):  # pydantic's ValidationError included
         return True
+    if quiet.said_in_one_line(e):  # a full disk, an unreachable S3 endpoint
+        return True
     exceptions = sys.modules.get("prefect.exceptions")
     return exceptions is not None and isinstance(e, exceptions.ParameterTypeError)
 
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(int(SERVER_TIMEOUT_S)))
     # warnings of the plain functions (e.g. GPU out-of-memory back-off) show in the Prefect run's log
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+    quiet.install()  # one-line errors logged without their traceback
     try:
         worker = _run(args)
     except Exception as e:
