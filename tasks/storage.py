@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import urllib.parse
 import uuid
 from typing import Any, BinaryIO
 
@@ -103,6 +105,35 @@ def _write_new(tmp: str, data: bytes, target: str) -> None:
         if e.errno == errno.ENOSPC:
             raise NoSpaceLeft(target, len(data)) from None
         raise
+
+
+class EndpointUnreachable(ConnectionError):
+    """The configured S3 endpoint did not take a connection: said in one line, naming where it was configured
+    (the endpoint itself is not written out, as `redact` keeps it out of logs)."""
+
+    said_in_one_line = True  # a2k.quiet: the CLI and the log show the line, not a traceback
+
+
+def check_reachable(fs: fsspec.AbstractFileSystem, timeout: float = 5.0) -> None:
+    """For a store with a configured endpoint (AWS_ENDPOINT_URL for MinIO, Ceph, R2...), check that it takes a TCP
+    connection; raise EndpointUnreachable if not. Without the check, s3fs reads a refused connection as a missing
+    bucket or prefix. Local filesystems and AWS's own endpoints are not checked."""
+    if is_local(fs):
+        return
+    sources = [("the filesystem's endpoint_url", getattr(fs, "endpoint_url", None)
+                or getattr(fs, "client_kwargs", {}).get("endpoint_url"))]
+    sources += [(name, os.environ.get(name)) for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")]
+    source, endpoint = next(((n, v) for n, v in sources if v), (None, None))
+    if endpoint is None:
+        return
+    parts = urllib.parse.urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise EndpointUnreachable(f"the S3 endpoint set in {source} could not be reached ({reason.lower()} at port "
+                                  f"{port}); check that the store is running and the address is right") from None
 
 
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
