@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from a2k import cli_compress, cli_models, cli_tune, quiet
+from a2k import cli_compress, cli_models, cli_tune, quiet, signals
 from a2k.clock import process_age
 from a2k.cli_flows import FlowSpec, add_flow_arguments, check_flow_arguments, flow_arguments
 
@@ -186,9 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(int(SERVER_TIMEOUT_S)))
     # warnings of the plain functions (e.g. GPU out-of-memory back-off) show in the Prefect run's log
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+    signals.install()  # Ctrl-C and SIGTERM: out in seconds, the run marked Crashed, nothing left running
     quiet.install()  # one-line errors logged without their traceback
     try:
         worker = _run(args)
+    except signals.Interrupted as e:
+        signals.exit_interrupted(e)
     except Exception as e:
         if not _is_refusal(e):
             raise
