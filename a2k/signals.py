@@ -45,6 +45,7 @@ class _Stopping:
     def __init__(self) -> None:
         self.signal: Interrupted | None = None
         self.flow_run_id: Any = None
+        self.said = False
         self.lock = threading.Lock()
 
 
@@ -83,8 +84,10 @@ def _current_flow_run_id() -> Any:
 
 def _watchdog() -> None:
     threading.Event().wait(GRACE_S)
-    _mark_crashed(_STATE.flow_run_id, _STATE.signal)
-    _force_exit(_STATE.signal)
+    stop = _STATE.signal
+    _mark_crashed(_STATE.flow_run_id, stop)
+    _say(stop, f" (the run did not end within {GRACE_S:.0f} s: stopped)")
+    _force_exit(stop)
 
 
 def _mark_crashed(flow_run_id: Any, stop: Interrupted) -> None:
@@ -105,12 +108,20 @@ def _mark_crashed(flow_run_id: Any, stop: Interrupted) -> None:
 
 def exit_interrupted(stop: Interrupted) -> None:
     """Say how the run was stopped and what to do, then end the process (never returns)."""
-    print(f"a2k: interrupted by {stop.name}; the parts already written are kept: run the same command again to "
-          "finish the rest", file=sys.stderr)
+    _say(stop)
     # multiprocessing's finalizers, as at a normal exit: the reader pool shut down, its semaphores released (or
     # the resource tracker warns of leaked ones); a reader that does not stop in time is left to the watchdog
     multiprocessing.util._run_finalizers(0)
     _force_exit(stop)
+
+
+def _say(stop: Interrupted, how: str = "") -> None:
+    with _STATE.lock:  # once: the main thread and the watchdog may both get here
+        if _STATE.said:
+            return
+        _STATE.said = True
+    print(f"a2k: interrupted by {stop.name}{how}; the parts already written are kept: run the same command again to "
+          "finish the rest", file=sys.stderr)
 
 
 def _force_exit(stop: Interrupted) -> None:
