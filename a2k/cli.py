@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any
 
-from a2k import cli_compress, cli_models, cli_tune
+from a2k import cli_compress, cli_models, cli_tune, quiet, signals
 from a2k.cli_progress import terminal_progress
 from a2k.clock import process_age
 from a2k.cli_logs import is_refusal, quiet_refusals
@@ -254,9 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(int(SERVER_TIMEOUT_S)))
     # warnings of the plain functions (e.g. GPU out-of-memory back-off) show in the Prefect run's log
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+    signals.install()  # Ctrl-C and SIGTERM: out in seconds, the run marked Crashed, nothing left running
+    quiet.install()  # one-line errors logged without their traceback
     try:
         with terminal_progress():  # quiet when stdout is not a terminal
             worker = _run(args)
+    except signals.Interrupted as e:
+        signals.exit_interrupted(e)
     except Exception as e:
         if not is_refusal(e):
             raise

@@ -20,6 +20,8 @@ def is_refusal(e: BaseException) -> bool:
     """A bad argument or a refused request (printed as one line), not a failure of a2k's."""
     if isinstance(e, (ValueError, FileNotFoundError, FileExistsError)):  # pydantic's ValidationError included
         return True
+    if getattr(e, "said_in_one_line", False):  # a full disk, an unreachable S3 endpoint (a2k.quiet)
+        return True
     exceptions = sys.modules.get("prefect.exceptions")
     return exceptions is not None and isinstance(e, exceptions.ParameterTypeError)
 

@@ -6,13 +6,19 @@ process instead starts the same server (the same uvicorn command and environment
 arguments are checked, so it comes up while torch, DALI, the model and the decoder load, and points Prefect at it
 with PREFECT_API_URL before Prefect is imported. At exit it is stopped without waiting for it (the run's data is
 committed before).
+
+The server runs in a session of its own, so that a Ctrl-C to the terminal's process group reaches a2k alone: a2k
+marks its flow run on the server, then stops it (a2k.signals). It is told to end when a2k ends, however a2k ends
+(Linux's parent-death signal): a2k killed with SIGKILL leaves no server behind.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +28,8 @@ import urllib.request
 from pathlib import Path
 
 _OFF = {"0", "false", "no", "off"}
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+_RUNNING: list[TemporaryServer] = []  # the servers this process started (one at most), for stop_all
 
 
 def configured_api_url() -> str | None:
@@ -66,7 +74,9 @@ class TemporaryServer:
              "--log-level", "error", "--lifespan", "on"],
             env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                  "PREFECT__SERVER_FINAL": "1"},
+            start_new_session=True, preexec_fn=_end_with_parent if sys.platform == "linux" else None,
         )
+        _RUNNING.append(self)
         os.environ["PREFECT_API_URL"] = self.api_url  # before Prefect reads its settings
         atexit.register(self.stop)
 
@@ -87,7 +97,25 @@ class TemporaryServer:
             time.sleep(0.05)
         raise RuntimeError(f"Prefect's temporary server did not answer within {timeout:.0f} s")
 
-    def stop(self) -> None:
-        """Ask the server to stop (SIGTERM) and go on: it ends by itself; waiting for it adds nothing."""
+    def stop(self, wait: float = 0.0) -> None:
+        """Ask the server to stop (SIGTERM). With `wait`, give it that many seconds, then kill it: a process about
+        to end at once (a2k.signals) must not leave it behind; otherwise go on, it ends by itself."""
         if self.process.poll() is None:
             self.process.terminate()
+            if wait:
+                try:
+                    self.process.wait(wait)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(wait)
+
+
+def stop_all(wait: float) -> None:
+    """Stop the temporary servers this process started, each within about 2 x `wait` seconds."""
+    for server in _RUNNING:
+        server.stop(wait)
+
+
+def _end_with_parent() -> None:
+    """In the server's process before it runs: SIGTERM when its parent (a2k) ends, however it ends."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

@@ -35,6 +35,7 @@ from tasks.models.entry import WeightsFormat, read_entry, verify_weights
 from tasks.models.registry import resolve_model
 from tasks.progress import progress_step
 from tasks.runner import GPU_LIMIT, TaskRunnerKind, ensure_gpu_limit, gpu_slot, make_task_runner
+from tasks.storage import NoSpaceLeft
 from tasks.targets import plan_budget
 
 
@@ -185,6 +186,8 @@ def _classify_shards(
         for future in as_completed(futures):
             try:
                 outcomes.append(future.result())
+            except NoSpaceLeft:  # every other shard would fail the same way: the run stops here
+                raise
             except Exception as e:  # kept, and raised once every other shard has had its chance
                 failures.append(e)
                 log.error("a shard failed: %r; the others go on, and a rerun redoes only what is missing", e)

@@ -12,7 +12,7 @@ from pydantic import AfterValidator, Field, ValidationError
 from tasks.classify.output import Output
 from tasks.devices import check_device_spec
 from tasks.runner import TaskRunnerKind
-from tasks.storage import filesystem, full_url, is_url, redact
+from tasks.storage import check_reachable, filesystem, full_url, is_url, redact
 
 InputSource = Annotated[str, Field(
     description="a folder of images (walked recursively), an s3://bucket/prefix, or a .parquet manifest with a 'uri' "
@@ -118,6 +118,7 @@ def check_output_target(v: str) -> str:
 def _check_store_input(v: str) -> str:
     """An input in object storage: a .parquet manifest object, or a prefix holding at least one object."""
     fs, path = filesystem(v)
+    check_reachable(fs)  # else a refused connection reads as a prefix that holds nothing
     fs.invalidate_cache(path)
     try:
         if v.lower().endswith(".parquet"):
@@ -134,6 +135,7 @@ def _check_store_input(v: str) -> str:
 def _check_store_output(v: str) -> str:
     """An output in object storage: its bucket must exist (it is never created) and take a write under `_a2k/`."""
     out = Output(v)
+    check_reachable(out.fs)  # else a refused connection reads as a bucket that does not exist
     bucket = out.root.split("/", 1)[0]
     try:
         if not out.fs.exists(bucket):

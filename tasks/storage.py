@@ -6,10 +6,14 @@ S3 endpoint and credentials come from the standard AWS environment and config fi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
+import urllib.parse
 import uuid
 from typing import Any, BinaryIO
 
@@ -59,6 +63,79 @@ def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
+class NoSpaceLeft(OSError):
+    """A local write that found its device full, said in one line: the file, its size and the space free there."""
+
+    said_in_one_line = True  # a2k.quiet: the CLI and the log show the line, not a traceback
+
+    def __init__(self, path: str, size: int) -> None:
+        folder = os.path.dirname(path) or "."
+        try:
+            free = f"{_size(shutil.disk_usage(folder).free)} free there"
+        except OSError:
+            free = "its free space unknown"
+        super().__init__(errno.ENOSPC, f"no space left on the device of {folder!r} writing {os.path.basename(path)!r} "
+                                       f"({_size(size)}; {free}): free at least {_size(size)} there (more for the "
+                                       "rest of the run) and run the same command again")
+        self.path, self.size = path, size
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _write_new(tmp: str, data: bytes, target: str) -> None:
+    """Write `data` to the local file `tmp`; on any failure the file is removed, and a full device is said as
+    NoSpaceLeft naming `target` (the file the caller meant to write)."""
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        if e.errno == errno.ENOSPC:
+            raise NoSpaceLeft(target, len(data)) from None
+        raise
+
+
+class EndpointUnreachable(ConnectionError):
+    """The configured S3 endpoint did not take a connection: said in one line, naming where it was configured
+    (the endpoint itself is not written out, as `redact` keeps it out of logs)."""
+
+    said_in_one_line = True  # a2k.quiet: the CLI and the log show the line, not a traceback
+
+
+def check_reachable(fs: fsspec.AbstractFileSystem, timeout: float = 5.0) -> None:
+    """For a store with a configured endpoint (AWS_ENDPOINT_URL for MinIO, Ceph, R2...), check that it takes a TCP
+    connection; raise EndpointUnreachable if not. Without the check, s3fs reads a refused connection as a missing
+    bucket or prefix. Local filesystems and AWS's own endpoints are not checked."""
+    if is_local(fs):
+        return
+    sources = [("the filesystem's endpoint_url", getattr(fs, "endpoint_url", None)
+                or getattr(fs, "client_kwargs", {}).get("endpoint_url"))]
+    sources += [(name, os.environ.get(name)) for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")]
+    source, endpoint = next(((n, v) for n, v in sources if v), (None, None))
+    if endpoint is None:
+        return
+    parts = urllib.parse.urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise EndpointUnreachable(f"the S3 endpoint set in {source} could not be reached ({reason.lower()} at port "
+                                  f"{port}); check that the store is running and the address is right") from None
+
+
 def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Create `path` holding `data` only if it does not exist yet; False if someone else created it first.
 
@@ -82,8 +159,7 @@ def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> b
 
 def _link_new(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     tmp = _temporary_name(fs, path)
-    with open(tmp, "wb") as f:
-        f.write(data)
+    _write_new(tmp, data, path)
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -124,8 +200,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
         return
     tmp = _temporary_name(fs, path)
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
+    _write_new(tmp, data, path)
     fs.mv(tmp, path)
 
 

@@ -98,3 +98,23 @@ def test_a_fresh_process_classifies_with_its_own_temporary_server_and_leaves_not
         time.sleep(0.2)
         left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True)
     assert not left.stdout.strip(), f"still running after the CLI exited: {left.stdout}"
+    # the temporary server runs in a session of its own (a terminal's Ctrl-C must reach the CLI alone): found by
+    # the Prefect home it serves, which is this test's
+    home = _prefect_env(tmp_path)["PREFECT_HOME"]
+    while _servers_of(home) and time.monotonic() < deadline + 10:
+        time.sleep(0.2)
+    assert not _servers_of(home), "the CLI's temporary server outlived it"
+
+
+def _servers_of(prefect_home: str) -> list[int]:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "uvicorn" in " ".join(p.info["cmdline"] or ()) and p.environ().get("PREFECT_HOME") == prefect_home:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found

@@ -14,8 +14,8 @@ from tasks.classify.sink import (
     committed_parts, drop_rows, error_parts, read_error_rows, read_part_rows, remove_parts, remove_temporaries,
 )
 from tasks.classify.state import (
-    Delta, Pending, diff_listing, read_pending, read_state, remove_state, serialize_settings, settings_key,
-    write_pending,
+    Delta, Pending, diff_listing, read_pending, read_state, remove_state, remove_state_temporaries, serialize_settings,
+    settings_key, write_pending,
 )
 from tasks.images.manifest import Shard, make_shards
 from tasks.images.read import ErrorKind
@@ -91,6 +91,7 @@ def plan_run(
     those unreadable last time) are classified; the old rows of changed and removed images are taken out of
     their parts first, each part rewritten atomically, after the plan is recorded in `pending.json`.
     """
+    remove_state_temporaries(out)  # a killed run's half-written state: it holds space, and nothing else removes it
     manifest = read_parquet_at(out.fs, out.manifest)
     key = settings_key(entry, top_k)
     state = read_state(out)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.classify.output import Output, part_name
-from tasks.classify.plan import RunContext, ShardOutcome
+from tasks.classify.plan import RunContext, ShardOutcome, resumed_outcome
 from tasks.classify.shard import classify_shard, shard_classifier
 from tasks.classify.sink import remove_shard_parts
 from tasks.devices import resolve_device
@@ -44,6 +45,9 @@ def classify_shard_task(
     for it (`take_gpu_slot=False`: the flow, for a whole in-process run)."""
     dev = resolve_device(device)
     out = Output(output)
+    done = _committed_by_an_earlier_attempt(out, shard, key)
+    if done is not None:
+        return done
     with gpu_slot(dev) if take_gpu_slot else contextlib.nullcontext([]) as slots:
         worker = shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
                                   gpu_memory_gb, model_sms)
@@ -57,6 +61,22 @@ def classify_shard_task(
         outcome.decode_infer_seconds, outcome.waits, outcome.write_seconds, worker.device, outcome.reading,
         f" holding concurrency slots {', '.join(slots)}" if slots else "",
     )
+    return outcome
+
+
+def _committed_by_an_earlier_attempt(out: Output, shard: Shard, key: str) -> ShardOutcome | None:
+    """The shard's outcome read back from its parts when its predictions part (its commit) is in place, else None.
+
+    The flow removes a planned shard's parts before submitting it, so a commit found here is this run's own: Dask
+    runs a finished task again when the worker holding its result dies (the flow still holds its future), and that
+    attempt would delete the committed part and write it anew, racing the run's commit."""
+    name = part_name(key)
+    out.fs.invalidate_cache(out.part(name))
+    if not out.fs.exists(out.part(name)):
+        return None
+    outcome = dataclasses.replace(resumed_outcome(out, shard.index, name), resumed=False)  # classified in this run
+    get_run_logger().info("shard %d: committed already by an earlier attempt of this run (%d predicted, %d errors); "
+                          "read back, not redone", shard.index, outcome.predicted, outcome.errors)
     return outcome
 
 

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from tasks.classify.output import Output
 from tasks.models.entry import ModelEntry
-from tasks.storage import dumps, read_json, read_parquet_at, write_atomic, write_parquet_at
+from tasks.storage import dumps, listdir_names, read_json, read_parquet_at, write_atomic, write_parquet_at
 
 _META_KEY = b"a2k"
 
@@ -121,6 +121,19 @@ def remove_state(out: Output, pending_only: bool = False) -> None:
             out.fs.rm(path)
         except FileNotFoundError:
             pass
+
+
+def remove_state_temporaries(out: Output) -> list[str]:
+    """Delete the hidden temporary files that a state or pending.json write left when its run was killed or its
+    disk was full (`.images.parquet.<hex>.tmp`: local outputs; S3 writes have none). Called under the lease: no
+    other run writes there. Returns their names."""
+    folder = out.fs._parent(out.state)
+    removed = []
+    for name in listdir_names(out.fs, folder):
+        if name.startswith(".") and name.endswith(".tmp"):
+            out.fs.rm(f"{folder}/{name}")
+            removed.append(name)
+    return removed
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import mmap
 import multiprocessing
 import multiprocessing.util
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -80,6 +81,8 @@ def _map(path: str) -> memoryview:
 def _attach(paths: list[str], threads: int, owner: int) -> None:
     """Map the owner's slots, start the reader threads, and exit when the owner does, however it ends: a
     SIGKILL (or Dask killing a worker that did not stop in time) runs no exit handler that would stop them."""
+    # a Ctrl-C reaches the whole process group: the owner decides (a2k.signals), and its readers end with it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _SLOTS.extend(_map(path) for path in paths)
     _THREADS.append((ThreadPoolExecutor(threads, thread_name_prefix="a2k-read"), threads))
     threading.Thread(target=_exit_with, args=(owner,), name="a2k-read-owner", daemon=True).start()
