@@ -273,9 +273,19 @@ def test_mixed_gpu_decoding_matches_the_cpu_path():
     cpu = ImageDecoder(pre, CPU, 64).decode(blobs)
     assert gpu.images.is_cuda and gpu.images.dtype == torch.float16
     diff = _levels(gpu.images.cpu(), cpu.images, pre)
-    # nvJPEG's IDCT and fp16 output differ from libjpeg-turbo by a few levels at most
     assert diff.mean() <= 1.0, diff.mean()
-    assert np.percentile(diff.numpy(), 99.9) <= 8, np.percentile(diff.numpy(), 99.9)
+    # nvJPEG's IDCT and fp16 output differ from libjpeg-turbo by a level or so where chroma is full size (4:4:4);
+    # in 4:2:0 files the chroma is upsampled differently (libjpeg-turbo's "fancy" triangular filter), which moves
+    # pixels at strong colour edges by more: on this set's 4:2:0 photos (about 350 x 230, saturated colours) up to
+    # 15 levels at the 99.9th percentile per photo on an H200 (2026-12-03); ImageNet-sized photos, downscaled to
+    # 256, stayed within 8
+    from PIL import Image, JpegImagePlugin
+
+    subsampled = torch.tensor([JpegImagePlugin.get_sampling(Image.open(p)) != 0 for p in photo_paths(64)])
+    full, halved = diff[~subsampled].numpy(), diff[subsampled].numpy()
+    assert full.size and halved.size  # the set holds both kinds
+    assert np.percentile(full, 99.9) <= 2, np.percentile(full, 99.9)
+    assert np.percentile(halved, 99.9) <= 16, np.percentile(halved, 99.9)
 
 
 @pytest.mark.gpu
