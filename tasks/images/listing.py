@@ -12,6 +12,8 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageFile
 
 from tasks.images.names import uri_of_path
@@ -20,7 +22,7 @@ from tasks.storage import filesystem, full_url, redact
 
 log = logging.getLogger(__name__)
 
-Rows = dict[str, list]  # the manifest's columns: uri, bytes, mtime_ns, label, etag
+Rows = dict[str, Any]  # the manifest's columns (lists or Arrow arrays): uri, bytes, mtime_ns, label, etag
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # Pillow registers these but only names them: MPEG reads a video's header, a stub (BUFR, GRIB, HDF5) needs a
 # handler an application installs; neither gives pixels, so such files are counted as skipped, not listed
@@ -137,18 +139,24 @@ def _broken_link(path: str) -> str | None:
 
 
 def walk_objects(source: str, skipped: Counter[str]) -> Rows:
-    """The images under an object-store prefix, from one recursive listing (pages of 1,000 keys through obstore:
-    tasks.images.s3_reads); what else is there is counted in `skipped` as `skipped_name` says."""
-    from tasks.images.s3_reads import head_object, list_prefix
+    """The images under an object-store prefix, listed through obstore (tasks.images.s3_reads: its first-level
+    prefixes at once, as Arrow columns, which `_object_columns` turns into the manifest's); what else is there is
+    counted in `skipped` as `skipped_name` says."""
+    from tasks.images.s3_reads import head_object, list_prefix, list_prefix_table
 
     fs, root = filesystem(source)
     expected = "give a prefix of images or a .parquet manifest"
     rows: Rows = {name: [] for name in ("uri", "bytes", "mtime_ns", "label", "etag")}
     listed = 0
     try:
-        for info in list_prefix(source):
-            listed += 1
-            _add_object(rows, skipped, fs, root, info)
+        table = list_prefix_table(source)
+        if table is not None:
+            listed = table.num_rows
+            rows = _object_columns(table, root, skipped)
+        else:  # a key obstore cannot name: key by key, the rest through s3fs
+            for info in list_prefix(source):
+                listed += 1
+                _add_object(rows, skipped, fs, root, info)
     except FileNotFoundError as e:  # e.g. no such bucket
         raise FileNotFoundError(f"input {source!r} does not exist ({redact(str(e))}); {expected}") from None
     if not listed and head_object(source) is not None:
@@ -156,6 +164,56 @@ def walk_objects(source: str, skipped: Counter[str]) -> Rows:
     if not listed:
         raise FileNotFoundError(f"input {source!r} does not exist (no object under it); {expected}")
     return rows
+
+
+def _object_columns(table: pa.Table, root: str, skipped: Counter[str]) -> Rows:
+    """The manifest's columns of obstore's listing (keys under `root`, 'bucket/prefix') with Arrow compute, as
+    `_add_object` makes them one by one; only names that are not ASCII (whose case Python folds) and the
+    skipped objects' kinds outside ASCII take `skipped_name` per key."""
+    bucket, _, prefix = root.partition("/")
+    key = table.column("path")
+    relative = pc.utf8_slice_codeunits(key, start=len(prefix) + 1) if prefix else key
+    name = pc.replace_substring_regex(relative, pattern="^.*/", replacement="")
+    # a folder marker ('a/' listed by obstore as 'a'), or an empty object without suffix taken for one
+    marker = pc.or_(pc.equal(name, ""), pc.and_(pc.equal(table.column("size"), 0),
+                                                pc.invert(pc.match_substring(name, "."))))
+    hidden = pc.starts_with(name, ".")
+    suffix = pc.utf8_lower(pc.struct_field(pc.extract_regex(name, pattern=r"(?P<s>\.[^.]*)$"), [0]))
+    ascii_ = pc.string_is_ascii(name)
+    image = pc.and_(pc.and_(ascii_, pc.invert(hidden)),
+                    pc.fill_null(pc.is_in(suffix, value_set=pa.array(sorted(image_suffixes()))), False))
+    image = pc.and_not(image, marker)
+    other = pc.and_not(pc.invert(ascii_), marker)  # not ASCII: decided by skipped_name, as in _add_object
+    if pc.any(other).as_py():
+        image = pc.or_(image, _python_decides(name, other, skipped))
+    why = pc.if_else(hidden, "hidden", pc.fill_null(suffix, "no suffix"))
+    counted = pc.filter(why, pc.and_not(pc.and_not(ascii_, marker), image))
+    for kind in pc.value_counts(counted).to_pylist():
+        skipped[kind["values"]] += kind["counts"]
+    kept = table.filter(image)
+    relative = pc.filter(relative, image)
+    etag = pc.utf8_trim(kept.column("e_tag"), '"')
+    label = pc.replace_substring_regex(relative, pattern="/.*$", replacement="")
+    null = pa.scalar(None, pa.string())
+    return {
+        "uri": pc.binary_join_element_wise(f"s3://{bucket}/", kept.column("path"), ""),
+        "bytes": pc.cast(kept.column("size"), pa.int64()),
+        "mtime_ns": pc.multiply(pc.cast(pc.cast(kept.column("last_modified"), pa.timestamp("us", "UTC")),
+                                        pa.int64()), 1000),
+        "label": pc.if_else(pc.equal(pc.count_substring(relative, "/"), 1), label, null),
+        "etag": pc.if_else(pc.equal(kept.column("e_tag"), ""), null, etag),
+    }
+
+
+def _python_decides(name: pa.ChunkedArray, rows: pa.ChunkedArray, skipped: Counter[str]) -> pa.Array:
+    """Images among the `rows` of `name` by `skipped_name` (the others counted in `skipped`)."""
+    image = []
+    for one, take in zip(name.to_pylist(), rows.to_pylist()):
+        why = skipped_name(one) if take else "-"
+        if take and why:
+            skipped[why] += 1
+        image.append(take and why is None)
+    return pa.array(image)
 
 
 def _add_object(rows: Rows, skipped: Counter[str], fs: Any, root: str, info: dict[str, Any]) -> None:
