@@ -26,7 +26,7 @@ from a2k.cli_flows import FlowSpec, add_flow_arguments, check_flow_arguments, fl
 
 
 def _check_model_name(v: str) -> str:
-    from tasks.models.entry import check_model_name  # torch: loaded once the cheap checks have passed
+    from tasks.models.card import check_model_name
 
     return check_model_name(v)
 

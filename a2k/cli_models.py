@@ -104,7 +104,7 @@ def _check_import(args: argparse.Namespace) -> None:
     for what, path in (("source", args.source), ("labels file", args.labels)):
         if path is not None and not os.path.isfile(path):
             raise ValueError(f"{what} {path!r} is not a file; give {_IMPORT_FILES[what]}")
-    from tasks.models.entry import check_model_name  # torch: after the cheap checks
+    from tasks.models.card import check_model_name
 
     check_model_name(args.name)
 

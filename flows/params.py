@@ -173,7 +173,7 @@ def check_architecture(v: str) -> str:
 def check_model_spec(model: str, registry: str | None = None) -> str:
     """A model that exists: a model folder, or a registry version, alias or bare NAME (its production alias) that
     resolves now. Returned as given: the flow resolves it once itself, at its start."""
-    from tasks.models.entry import ENTRY_FILE
+    from tasks.models.card import ENTRY_FILE
     from tasks.models.registry import SCHEME, get_model
 
     if not model.startswith(SCHEME):

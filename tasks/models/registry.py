@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.home import a2k_home, registry_url
-from tasks.models.entry import ENTRY_FILE, ModelEntry, Status, check_model_name, read_entry, verify_weights
+from tasks.models.card import ENTRY_FILE, ModelEntry, Status, check_model_name, read_entry, verify_weights
 from tasks.storage import create_exclusive, dumps, filesystem, full_url, is_local, listdir_names, read_json, write_atomic
 
 SCHEME = "models:/"
