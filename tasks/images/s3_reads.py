@@ -14,7 +14,7 @@ import concurrent.futures
 import functools
 import logging
 import os
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -201,17 +201,38 @@ def list_prefix_table(source: str, at_once: int = LISTINGS_AT_ONCE) -> pa.Table 
 
 
 async def _list_tree(store: S3Store, prefix: str | None, at_once: int) -> list[pa.Table]:
-    top = await obstore.list_with_delimiter_async(store, prefix, return_arrow=True)
+    attempts = _attempts(os.environ.get("AWS_MAX_ATTEMPTS"))
+    top = await _again(lambda: obstore.list_with_delimiter_async(store, prefix, return_arrow=True), attempts)
     first = pa.table(top["objects"])
     slots = asyncio.Semaphore(at_once)
 
     async def under(sub: str) -> pa.Table:
-        async with slots:
+        async def listing() -> list[pa.RecordBatch]:
             stream = obstore.list(store, sub, chunk_size=LIST_PAGE, return_arrow=True)
-            batches = [pa.record_batch(batch) async for batch in stream]
+            return [pa.record_batch(batch) async for batch in stream]
+
+        async with slots:
+            batches = await _again(listing, attempts)
         return pa.Table.from_batches(batches, first.schema) if batches else first.schema.empty_table()
 
     return [first, *await asyncio.gather(*(under(sub) for sub in top["common_prefixes"]))]
+
+
+async def _again(call: Callable[[], Awaitable[Any]], attempts: int) -> Any:
+    """`call()`, made again (after 0.1, 0.2, 0.4 ... s) when it fails in a way a repeat can cure: obstore retries a
+    request that fails, not a listing page whose body breaks off (a connection reset mid-page); a listing is
+    idempotent, so it is listed again whole. A missing bucket or a refusal (4xx) is not retried."""
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except GenericError as e:
+            text = str(e)
+            if attempt + 1 >= attempts or "<Code>" in text and "<Code>SlowDown</Code>" not in text \
+                    and "<Code>InternalError</Code>" not in text and "<Code>ServiceUnavailable</Code>" not in text:
+                raise
+            log.info("listing again after a transient error (%d of %d): %s", attempt + 2, attempts,
+                     describe(e)[:200])
+            await asyncio.sleep(0.1 * 2 ** attempt)
 
 
 def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
