@@ -6,10 +6,7 @@ import argparse
 import json
 
 from tasks.compress.recipes import RECIPES, allowed_recipes
-from a2k.cli_flows import FlowSpec
 from tasks.targets import TARGETS
-
-COMPRESS = FlowSpec("flows.compress_model", "compress_model")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +40,7 @@ def _check_alias(v: str) -> str:
 
 def _check(args: argparse.Namespace) -> None:
     """The run's arguments checked before Prefect and its server: a bad one is refused in one line, at once."""
-    from a2k.cli_flows import check_flow_arguments
+    from a2k.cli_flows import FlowSpec, check_flow_arguments  # pydantic: loaded where the arguments are checked
     from flows.params import check_model_spec
     from tasks.compress.recipes import parse_chain
 
@@ -51,7 +48,7 @@ def _check(args: argparse.Namespace) -> None:
               "max_accuracy_drop": args.max_accuracy_drop, "min_speedup": args.min_speedup, "device": args.device,
               "batch_size": args.batch_size, "num_threads": args.num_threads, "alias": args.alias,
               "registry": args.registry}
-    check_flow_arguments(COMPRESS, values, {"recipes": parse_chain, "alias": _check_alias})
+    check_flow_arguments(FlowSpec("flows.compress_model", "compress_model"), values, {"recipes": parse_chain, "alias": _check_alias})
     check_model_spec(args.ref, args.registry)
 
 
