@@ -11,6 +11,7 @@ import http.server
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -154,6 +155,30 @@ def photo_paths(n: int) -> list[Path]:
     if not 0 <= n <= N_PHOTOS:
         pytest.fail(f"the tests' photo set has {N_PHOTOS} photos; {n} asked for")
     return _PHOTOS.first(n)
+
+
+def many_photos_in(root: Path, n: int, distinct: int) -> Path:
+    """`n` copies of the first `distinct` photos under `root`, in three class folders (class0..2), each name unique:
+    a run long enough (many small shards) for a test to act on it mid-way."""
+    for i in range(n):
+        src = photo_paths(distinct)[i % distinct]
+        dest = root / f"class{i % 3}" / f"{i:03d}_{src.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
+    return root
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB tmpfs mounted for the test, unmounted after it."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (root and CAP_SYS_ADMIN needed): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ the same command run again finishes the rest with each image exactly once."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from tests.conftest import photo_paths
+from tests.conftest import many_photos_in
 
 N_IMAGES = 150  # 50 shards of 3: a signal after the first part lands mid-run on a busy machine
 EXIT_BOUND_S = 30  # generous: what it catches is the 78 s hang (events flushed to a server the Ctrl-C had killed)
@@ -22,13 +21,7 @@ EXIT_BOUND_S = 30  # generous: what it catches is the 78 s hang (events flushed 
 
 @pytest.fixture
 def many_photos(tmp_path):
-    root = tmp_path / "many"
-    for i in range(N_IMAGES):
-        src = photo_paths(30)[i % 30]
-        dest = root / f"class{i % 3}" / f"{i:03d}_{src.name}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, dest)
-    return root
+    return many_photos_in(tmp_path / "many", N_IMAGES, 30)
 
 
 def _classify(photos, out, model, env, log):

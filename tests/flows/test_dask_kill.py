@@ -3,7 +3,6 @@ repeated on the survivor: each listed image exactly once in the output (issue #2
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 
 from flows.classify_images import classify_images
 from tasks.classify.output import is_temporary
-from tests.conftest import photo_paths
+from tests.conftest import many_photos_in
 
 N_IMAGES = 90  # 30 shards of 3
 KILL_AFTER_PARTS = 10  # a third of the shards committed: mid-run however the two workers' start-ups spread
@@ -25,13 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def many_photos(tmp_path):
-    root = tmp_path / "many"
-    for i in range(N_IMAGES):
-        src = photo_paths(9)[i % 9]
-        dest = root / f"class{i % 3}" / f"{i:03d}_{src.name}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, dest)
-    return root
+    return many_photos_in(tmp_path / "many", N_IMAGES, 9)
 
 
 def _dask(*args, log, env) -> subprocess.Popen:

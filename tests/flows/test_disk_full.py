@@ -8,24 +8,11 @@ import subprocess
 import sys
 
 import pandas as pd
-import pytest
 
 from flows.classify_images import classify_images
 from tests.conftest import photo_paths
 
 N_IMAGES = 60  # 20 parts of about 4 KiB: the 64 KiB device fills up mid-run
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (root and CAP_SYS_ADMIN needed): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def _classify(photos, out, model, env):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import pandas as pd
 import pytest
 
-from tests.conftest import PREFECT_HOME, photo_paths
+from tests.conftest import PREFECT_HOME, many_photos_in
 
 
 N_IMAGES = 150  # 50 shards of 3: enough that a kill after the third part lands mid-run on a busy machine
@@ -19,13 +18,7 @@ N_IMAGES = 150  # 50 shards of 3: enough that a kill after the third part lands 
 
 @pytest.fixture
 def many_photos(tmp_path):
-    root = tmp_path / "many"
-    for i in range(N_IMAGES):
-        src = photo_paths(9)[i % 9]
-        dest = root / f"class{i % 3}" / f"{i:03d}_{src.name}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, dest)
-    return root
+    return many_photos_in(tmp_path / "many", N_IMAGES, 9)
 
 
 def _classify(photos, out, model, env, log):

@@ -1,26 +1,12 @@
 """A local write that meets a full device says so in one line (the file, its size, the space free there) and leaves
 no temporary file behind; tested on a real 64 KiB tmpfs (root only: skipped where mount is not permitted)."""
 
-import subprocess
 
 import fsspec
 import pytest
 
 from a2k.quiet import said_in_one_line
 from tasks.storage import NoSpaceLeft, create_exclusive, write_atomic
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 64 KiB tmpfs mounted for the test, unmounted after it."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (root and CAP_SYS_ADMIN needed): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 @pytest.mark.parametrize("write", [write_atomic, create_exclusive])
