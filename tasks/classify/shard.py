@@ -37,6 +37,7 @@ from tasks.images.read import DEFAULT_MAX_PIXELS, Failure, ReadArena, load_blobs
 from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders, read_processes_available
 from tasks.models.entry import read_entry
 from tasks.progress import advance_images
+from tasks.storage import is_url
 from tasks.targets import plan_budget
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ LOCAL_READERS = 1
 # Worker processes reading and header-checking local files into shared memory (tasks.images.read_procs): a quarter of
 # the usable cores, 1 to 4. 0 reads in threads.
 MAX_READ_PROCESSES = 4
+# Objects in a store are fetched READ_AHEAD batches at once (each in its own arena), by reader processes of their own:
+# READ_AHEAD times the local files' count, each batch split over as many as the local files' batches. Read one batch
+# at a time, a batch's fetch costs a whole round trip to the store, and the run ran at 256 / (round trip + service):
+# 4,624 images/s at 20 ms against 9,519 from a folder on the H200 (bench/NOTES.md, "S3 reads in flight").
 
 
 def default_read_processes() -> int:
@@ -143,6 +148,8 @@ class ShardClassifier:
             build.shutdown(wait=True)
         self.readers = ThreadPoolExecutor(max_workers=local_readers, thread_name_prefix="a2k-read")
         self.read_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-read-batch")
+        self._store_reads: tuple[ProcessReaders, ThreadPoolExecutor] | None = None  # started by the first store shard
+        self._store_lock = threading.Lock()
         self.decode_stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="a2k-decode")
         self.decode_stream = torch.cuda.Stream(self.device.torch_device) if self.device.is_cuda else None
         # not the legacy default stream: DALI's streams wait for all of that one's work, and it for theirs; the
@@ -163,8 +170,27 @@ class ShardClassifier:
         """Stop the reader processes and the stage threads (the worker is not used again)."""
         if self.process_readers is not None:
             self.process_readers.close()
+        if self._store_reads is not None:
+            self._store_reads[0].close()
+            self._store_reads[1].shutdown(wait=True, cancel_futures=True)
         for pool in (self.readers, self.read_stage, self.decode_stage):
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def store_reads(self) -> tuple[ProcessReaders, ThreadPoolExecutor] | None:
+        """Reader processes for objects in a store and the threads that load READ_AHEAD batches of them at once
+        (started at the first shard that reads a store: a folder's run starts none), or None where reads run in
+        threads of this process."""
+        if self.process_readers is None:
+            return None
+        with self._store_lock:
+            if self._store_reads is None:
+                local = self.process_readers
+                t0 = time.perf_counter()
+                readers = ProcessReaders(local.workers * READ_AHEAD, ARENAS, local.slot_bytes, chunks=local.workers)
+                self._store_reads = (readers, ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="a2k-read-store"))
+                log.info("objects in a store are read by %d reader processes, %d batches at once (started in %.1fs)",
+                         readers.workers, READ_AHEAD, time.perf_counter() - t0)
+        return self._store_reads
 
     @staticmethod
     def _timed(steps: dict[str, float], name: str, fn, *args):
@@ -267,9 +293,12 @@ class ShardClassifier:
         through the decoder, and put on `out` in order; an error is put on `out` in place of a batch."""
         reads: deque[Future] = deque()
         read_failures: deque[tuple[list[int], list[tuple[int, Failure]]]] = deque()
+        store = self.store_reads() if uris and is_url(uris[0]) else None
 
         def read(n: int) -> Future:
             batch = [uris[i] for i in batches[n]]
+            if store is not None:
+                return store[1].submit(store[0].load, batch, n % ARENAS, max_pixels)
             if self.process_readers is not None:
                 return self.read_stage.submit(self.process_readers.load, batch, n % ARENAS, max_pixels)
             return self.read_stage.submit(load_blobs, batch, self.readers, max_pixels, self.arenas[n % ARENAS])

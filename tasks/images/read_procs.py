@@ -161,8 +161,12 @@ class ProcessReaders:
     """`workers` processes that read batches of local files into `slots` shared-memory slots; a batch read into
     slot k is valid until the next batch read into slot k (as a `ReadArena` ring)."""
 
-    def __init__(self, workers: int, slots: int, slot_bytes: int, threads: int = THREADS_PER_PROCESS) -> None:
+    def __init__(self, workers: int, slots: int, slot_bytes: int, threads: int = THREADS_PER_PROCESS,
+                 chunks: int | None = None) -> None:
+        # `chunks`: the parts a batch is split into (default one a process); fewer than `workers` leaves processes
+        # free for other batches loaded at once (from other threads): object reads, which wait on the network
         self.workers, self.slot_bytes, self.threads = workers, slot_bytes, threads
+        self.chunks = min(chunks or workers, workers)
         # each slot is an anonymous memory file (memfd): it has no name to leave behind, and its memory goes with
         # the last process that maps it, however the processes end; readers open it through /proc
         fds = [os.memfd_create(f"a2k-read-slot-{k}", os.MFD_CLOEXEC) for k in range(slots)]
@@ -203,7 +207,7 @@ class ProcessReaders:
     def load(self, uris: list[str], slot: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Blob | Failure]:
         """`load_blobs` in the worker processes (local files, or objects in a store each process fetches with its
         own client); order follows `uris`."""
-        per = -(-len(uris) // self.workers) or 1
+        per = -(-len(uris) // self.chunks) or 1
         chunks = [uris[i : i + per] for i in range(0, len(uris), per)]
         share = self.slot_bytes // max(len(chunks), 1)
         first = next((u for u in uris if refused_uri(u) is None), None)
