@@ -128,17 +128,39 @@ def read_obstore(uris: list[str]) -> int:
 
 class ReadProcesses:
     """a2k's reader processes (`ProcessReaders`), each fetching its share of a batch with its own obstore client
-    into shared memory and header-checking it, as a shard's read stage does."""
+    into shared memory and header-checking it, as a shard's read stage does. `ahead` > 1: `ahead` batches loaded at
+    once from as many threads, by `workers` x `ahead` processes, each batch split in `workers` parts (a store
+    shard's read stage since bfa20ca); 1: one batch at a time (before, and a folder's reads now)."""
 
-    def __init__(self, workers: int, batch_size: int) -> None:
+    def __init__(self, workers: int, batch_size: int, ahead: int = 1) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from tasks.images.read_procs import MIN_SLOT_BYTES, SLOT_BYTES_PER_IMAGE, ProcessReaders
 
-        self.readers = ProcessReaders(workers, 1, max(MIN_SLOT_BYTES, batch_size * SLOT_BYTES_PER_IMAGE))
+        self.ahead = ahead
+        self.readers = ProcessReaders(workers * ahead, ahead + 1, max(MIN_SLOT_BYTES, batch_size * SLOT_BYTES_PER_IMAGE),
+                                      chunks=workers)
+        self.stage = ThreadPoolExecutor(ahead)
+        self.batches = 0
 
     def __call__(self, uris: list[str]) -> int:
         from tasks.images.read import Blob
 
-        return sum(isinstance(b, Blob) for b in self.readers.load(uris, 0))
+        self.batches += 1
+        return sum(isinstance(b, Blob) for b in self.readers.load(uris, self.batches % (self.ahead + 1)))
+
+    def all(self, batches: list[list[str]]) -> int:
+        """Every batch, `ahead` at once (a sliding window, as the shard's read stage keeps it)."""
+        from collections import deque
+
+        from tasks.images.read import Blob
+
+        got, window = 0, deque()
+        for n, batch in enumerate(batches):
+            window.append(self.stage.submit(self.readers.load, batch, n % (self.ahead + 1)))
+            if len(window) == self.ahead:
+                got += sum(isinstance(b, Blob) for b in window.popleft().result())
+        return got + sum(sum(isinstance(b, Blob) for b in f.result()) for f in window)
 
     def pids(self) -> list[int]:
         return list(self.readers._pool._processes)
@@ -157,7 +179,8 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 def timed_pass(read, uris: list[str], batch_size: int, pids: list[int]) -> tuple[float, float, int]:
     wall, cpu = time.perf_counter(), _cpu_seconds(pids)
-    got = sum(read(uris[i : i + batch_size]) for i in range(0, len(uris), batch_size))
+    batches = [uris[i : i + batch_size] for i in range(0, len(uris), batch_size)]
+    got = read.all(batches) if isinstance(read, ReadProcesses) and read.ahead > 1 else sum(map(read, batches))
     return time.perf_counter() - wall, _cpu_seconds(pids) - cpu, got
 
 
@@ -194,6 +217,11 @@ def main() -> None:
     p.add_argument("--list-keys", type=int, default=0, help="list this many one-byte objects instead (moto)")
     p.add_argument("--processes", nargs="*", type=int, default=[1, 2],
                    help="reader process counts to run (fetch + header check in a2k's reader processes)")
+    p.add_argument("--ahead", nargs="*", type=int, default=[1],
+                   help="batches loaded at once by the reader processes (x --processes processes): 1 and 3 compare "
+                        "one batch at a time with a store shard's read stage")
+    p.add_argument("--delay-ms", type=float, default=0.0,
+                   help="round trip added to each request by bench/delay_proxy.py (4 processes); 0: none")
     args = p.parse_args()
     photos = sorted(q for q in args.photos.rglob("*") if q.suffix.lower() in (".jpg", ".jpeg"))
     if not photos:
@@ -205,9 +233,17 @@ def main() -> None:
             mean_kb = statistics.mean(len(photos[i % len(photos)].read_bytes()) for i in range(args.objects)) / 1e3
             print(f"{args.objects} objects of {mean_kb:.1f} kB mean on {args.server} at {url}; batch {args.batch_size}")
             readers = {"s3fs": read_s3fs, "obstore": read_obstore}
-            readers |= {f"procs{n}": ReadProcesses(n, args.batch_size) for n in args.processes}
+            if args.delay_ms:
+                from bench import delay_proxy
+
+                port, proxies = delay_proxy.start(int(url.rsplit(":", 1)[1]), args.delay_ms / 1e3, 4)
+                os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+                print(f"each request {args.delay_ms} ms later through a delay proxy on port {port}")
+            names = [f"procs{n}" + (f"x{k}" if k > 1 else "") for k in args.ahead for n in args.processes]
+            readers |= {name: ReadProcesses(n, args.batch_size, k)
+                        for name, (k, n) in zip(names, [(k, n) for k in args.ahead for n in args.processes])}
             listers = {"s3fs": list_s3fs, "obstore": list_obstore}
-            for name in args.paths + [f"procs{n}" for n in args.processes]:
+            for name in args.paths + names:
                 readers[name](uris[: args.batch_size])  # warm-up: connections, imports
                 pids = readers[name].pids() if isinstance(readers[name], ReadProcesses) else []
                 for _ in range(args.repeat):
