@@ -110,7 +110,7 @@ def commit_run(
         "resumed_shards": sum(o.resumed for o in outcomes),
         "images_per_second": round(processed / busy, 1) if busy > 0 else None,
         "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
-        "reading": sorted({o.reading for o in outcomes if o.reading}),  # how local files were read, per worker kind
+        "reading": sorted({o.reading for o in outcomes if o.reading}),  # how images were read, per worker kind
         # when the card (or CPU) had this run's first decoded batch: a fresh process's start-up ends there
         "first_batch_at": min((o.first_batch_at for o in outcomes if o.first_batch_at), default=None),
         "parts": sorted(parts),
@@ -145,7 +145,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"| images/s (decode+infer+write) | {summary['images_per_second']} |",
     ]
     if summary.get("reading"):
-        lines.append(f"| local files read by | {'; '.join(summary['reading'])} |")
+        lines.append(f"| images read by | {'; '.join(summary['reading'])} |")
     lines += [f"| seconds: {k} | {v} |" for k, v in secs.items()]
     return "\n".join(lines) + "\n"
 

@@ -50,7 +50,7 @@ class ShardOutcome:
     write_seconds: float
     resumed: bool = False
     waits: str = ""  # ShardTiming.describe()
-    reading: str = ""  # how local files were read: ShardClassifier.reading
+    reading: str = ""  # how the shard's images were read: ShardClassifier.reading_for
     first_batch_at: float = 0.0  # time.time() when the model had the shard's first batch (0: none)
 
 

@@ -56,7 +56,7 @@ def classify_shard_task(
     n = outcome.predicted + outcome.errors
     get_run_logger().info(
         "shard %d: %d images, %d predicted, %d errors, %.0f images/s (decode+infer %.2fs: %s; write %.2fs) on %s, "
-        "local files read by %s%s",
+        "images read by %s%s",
         shard.index, n, outcome.predicted, outcome.errors, n / max(outcome.decode_infer_seconds, 1e-9),
         outcome.decode_infer_seconds, outcome.waits, outcome.write_seconds, worker.device, outcome.reading,
         f" holding concurrency slots {', '.join(slots)}" if slots else "",

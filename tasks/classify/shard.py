@@ -192,6 +192,13 @@ class ShardClassifier:
                          readers.workers, READ_AHEAD, time.perf_counter() - t0)
         return self._store_reads
 
+    def reading_for(self, uris: list[str]) -> str:
+        """How this worker reads a shard of `uris`, in words (the shard's log line, the run's summary)."""
+        if uris and is_url(uris[0]) and self._store_reads is not None:
+            return (f"{self._store_reads[0].workers} reader processes, {READ_AHEAD} batches at once (objects in a "
+                    "store)")
+        return f"{self.reading} (local files)" if not (uris and is_url(uris[0])) else self.reading
+
     @staticmethod
     def _timed(steps: dict[str, float], name: str, fn, *args):
         t0 = time.perf_counter()
@@ -455,7 +462,7 @@ def classify_shard(shard: Shard, out: Output, key: str, worker: ShardClassifier,
         decode_infer_seconds=timing.seconds,
         write_seconds=time.perf_counter() - t0,
         waits=timing.describe(),
-        reading=worker.reading,
+        reading=worker.reading_for(uris),
         first_batch_at=timing.first_batch_at,
     )
 

@@ -75,6 +75,9 @@ def test_classify_from_rclone(rclone_bucket, seed_model_dir, tmp_path):
     summary = classify_images(input=f"s3://{bucket}/in", output=str(out), model=str(seed_model_dir), device="cpu",
                               shard_size=4, batch_size=4)
     assert (summary["listed"], summary["predicted"], summary["errors"]) == (len(objects), len(objects) - 2, 2)
+    # a store's objects are fetched several batches at once, by reader processes of their own
+    assert summary["reading"] and all("3 batches at once (objects in a store)" in r for r in summary["reading"]), \
+        summary["reading"]
     predicted = ds.dataset(out, format="parquet").to_table().column("image_uri").to_pylist()
     assert sorted(predicted) == sorted(f"s3://{bucket}/{k}" for k in objects if not k.endswith(("cut.jpg",
                                                                                                 "empty.jpg")))
