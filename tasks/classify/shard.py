@@ -469,7 +469,7 @@ def classify_shard(shard: Shard, out: Output, key: str, worker: ShardClassifier,
 
 def prepare_shard_worker(
     model: str, registry: str | None, device: str, batch_size: int | None, num_threads: int | None,
-    hw_decoder_load: float | None, gpu_memory_gb: float | None, target: str | None = None,
+    hw_decoder_load: float | None, gpu_memory_gb: float | None, target: str | None = None, reads_store: bool = False,
 ) -> ShardClassifier:
     """The shard worker an in-process classify run of these parameters asks for, built before the run: a fresh
     `a2k classify` builds it while Prefect loads and its server starts, and the run's shard tasks find it built
@@ -481,5 +481,10 @@ def prepare_shard_worker(
     entry = read_entry(local_dir)
     dev = resolve_device(device)
     budget = plan_budget(target, dev, num_threads, hw_decoder_load, gpu_memory_gb, batch_size)
-    return shard_classifier(str(local_dir), entry.weights_sha256, str(dev), budget.batch_size, budget.num_threads,
-                            budget.hw_decoder_load, budget.gpu_memory_gb, budget.model_sms)
+    worker = shard_classifier(str(local_dir), entry.weights_sha256, str(dev), budget.batch_size, budget.num_threads,
+                              budget.hw_decoder_load, budget.gpu_memory_gb, budget.model_sms)
+    if reads_store:  # the input is in a store: its reader processes start now too, not at the first shard
+        t0 = time.perf_counter()
+        worker.store_reads()
+        worker.build_steps["store readers"] = time.perf_counter() - t0
+    return worker

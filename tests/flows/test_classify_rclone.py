@@ -81,3 +81,19 @@ def test_classify_from_rclone(rclone_bucket, seed_model_dir, tmp_path):
     predicted = ds.dataset(out, format="parquet").to_table().column("image_uri").to_pylist()
     assert sorted(predicted) == sorted(f"s3://{bucket}/{k}" for k in objects if not k.endswith(("cut.jpg",
                                                                                                 "empty.jpg")))
+
+
+def test_a_fresh_cli_run_from_rclone(rclone_bucket, seed_model_dir, tmp_path):
+    """`a2k classify s3://...` as a user runs it, a fresh process: the store's reader processes start beside the
+    model's load (the start-up line names them), and every object lands once."""
+    bucket, objects = rclone_bucket
+    out = tmp_path / "cli-out"
+    done = subprocess.run([sys.executable, "-m", "a2k", "classify", f"s3://{bucket}/in", str(out), "--model",
+                           str(seed_model_dir), "--device", "cpu", "--shard-size", "4", "--batch-size", "4"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-2000:]
+    assert f"{len(objects) - 2} predicted, 2 errors of {len(objects)} images" in said, said[-2000:]
+    assert "store readers" in said and "3 batches at once (objects in a store)" in said, said[-2000:]
+    predicted = ds.dataset(out, format="parquet").to_table().column("image_uri").to_pylist()
+    assert len(predicted) == len(set(predicted)) == len(objects) - 2
