@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import delay_proxy  # noqa: E402
 from bench.fresh_runs import _free_port  # noqa: E402
 from bench.run_all import REPO, _child_env, append_results, machine_line, model_dir_for, replicate  # noqa: E402
-from bench.s3_reads import rclone_binary, rclone_command  # noqa: E402
+from bench.s3_reads import rclone_binary, rclone_command, wait_for_port  # noqa: E402
 
 BUCKET = "a2k-bench"
 PREFIX = "images"
@@ -134,30 +134,16 @@ make_server('127.0.0.1', {port}, S3Only(create_backend_app), True, request_handl
 def start_moto(port: int, log: Path) -> subprocess.Popen:
     code = MOTO_S3.format(port=port)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"), stderr=subprocess.STDOUT)
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"moto's server exited {proc.returncode}: {log.read_text()[-400:]}")
-            time.sleep(0.1)
-    raise SystemExit(f"moto's server did not answer on port {port} in 60 s")
+    wait_for_port(port, f"moto's server (log {log})", lambda: proc.poll() is None)
+    return proc
 
 
 def start_rclone(root: Path, port: int, log: Path) -> subprocess.Popen:
     """rclone's `serve s3` over `root` (its folder BUCKET is the bucket): a Go server on every core, serving the
     files the local run reads (from the page cache, as the local run does), ETags as MD5 of each file."""
     proc = subprocess.Popen(rclone_command(str(root), port), stdout=log.open("w"), stderr=subprocess.STDOUT)
-    for _ in range(600):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"rclone exited {proc.returncode}: {log.read_text()[-400:]}")
-            time.sleep(0.1)
-    raise SystemExit(f"rclone did not answer on port {port} in 60 s")
+    wait_for_port(port, f"rclone (log {log})", lambda: proc.poll() is None)
+    return proc
 
 
 def server_version(kind: str) -> str:

@@ -23,12 +23,11 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from urllib.request import urlopen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import delay_proxy  # noqa: E402
-from bench.s3_reads import BUCKET, _free_port, rclone_command  # noqa: E402
+from bench.s3_reads import BUCKET, _free_port, rclone_command, wait_for_port  # noqa: E402
 
 
 def _moto_with_keys(port: int, n: int, classes: int) -> None:
@@ -54,16 +53,7 @@ def start_moto(n: int, classes: int) -> tuple[multiprocessing.Process, str]:
     server = multiprocessing.get_context("spawn").Process(target=_moto_with_keys, args=(port, n, classes), daemon=True)
     server.start()
     url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            urlopen(url, timeout=1).close()
-            break
-        except OSError as e:
-            if getattr(e, "code", None):  # an HTTP error answer: the server is up
-                break
-            if not server.is_alive():
-                raise SystemExit("moto's server process ended before it served") from None
-            time.sleep(0.5)
+    wait_for_port(port, "moto's server process", server.is_alive, seconds=3600)  # it fills its store first
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                       AWS_ENDPOINT_URL=url)
     return server, url
@@ -83,16 +73,7 @@ def start_rclone(n: int, classes: int, root: Path) -> tuple[subprocess.Popen, st
     port = _free_port()
     server = subprocess.Popen(rclone_command(str(root), port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urlopen(url, timeout=1).close()
-            break
-        except OSError as e:
-            if getattr(e, "code", None):  # an HTTP error answer: the server is up
-                break
-            if server.poll() is not None:
-                raise SystemExit(f"rclone exited {server.returncode} before it served") from None
-            time.sleep(0.1)
+    wait_for_port(port, "rclone", lambda: server.poll() is None)
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                       AWS_ENDPOINT_URL=url)
     return server, url

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.request import urlopen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,16 +56,25 @@ def start_server(kind: str, s3rver: str | None, workdir: str) -> tuple[subproces
         raise SystemExit(f"--server {kind!r} is not one of: s3rver, moto, rclone")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urlopen(url, timeout=1).close()
-            break
-        except OSError as e:
-            if getattr(e, "code", None):  # an HTTP error answer: the server is up
-                break
-            time.sleep(0.1)
+    wait_for_port(port, f"the {kind} server", lambda: proc.poll() is None)
     os.environ.update(AWS_ENDPOINT_URL=url, AWS_DEFAULT_REGION="us-east-1")
     return proc, url
+
+
+def wait_for_port(port: int, what: str, alive=lambda: True, seconds: float = 60.0) -> None:
+    """Return once something accepts TCP connections on 127.0.0.1:`port`; exit naming `what` if `alive()` turns
+    false first or `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if not alive():
+                raise SystemExit(f"{what} ended before it served on port {port}") from None
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{what} did not answer on port {port} in {seconds:.0f} s") from None
+            time.sleep(0.1)
 
 
 def rclone_binary() -> str:
