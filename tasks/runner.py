@@ -4,8 +4,10 @@ slot a task holds while it uses a card."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from enum import Enum
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 from tasks.devices import Device
 
 GPU_LIMIT = "gpu"  # global concurrency limit: one slot per card, shared by every flow that uses a card
+CUDA_WORKER_THREADS = 2  # shard tasks at a time on a temporary dask-cuda cluster's worker (one per card)
 
 
 class TaskRunnerKind(str, Enum):
@@ -58,7 +61,10 @@ def make_task_runner(kind: TaskRunnerKind | str, dask_address: str | None, devic
                 f"task_runner 'dask' on {device} without dask_address needs dask-cuda for one worker per GPU "
                 "(pip install 'a2k[gpu]'), or give dask_address of a running scheduler"
             ) from None
-        kwargs: dict[str, Any] = {"threads_per_worker": 1, "dashboard_address": None}
+        # two task threads a worker: one shard's Prefect bookkeeping (state changes, API round trips, the commit)
+        # overlaps the other's work, as in the local runner; the worker's one ShardClassifier gives the card to one
+        # shard at a time, and both tasks share the card's slot (gpu_slot's share_key: the flow run)
+        kwargs: dict[str, Any] = {"threads_per_worker": CUDA_WORKER_THREADS, "dashboard_address": None}
         if dask_workers:
             kwargs["n_workers"] = dask_workers
         return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs=kwargs)
@@ -148,10 +154,44 @@ def ensure_limit(name: str, limit: int) -> bool:
         return True
 
 
+class _SharedSlot:
+    """One holding of the limits `names`, taken and kept by a thread of its own (Prefect's lease is renewed there)
+    while any task of the same share key is inside `gpu_slot`, released when the last one leaves."""
+
+    def __init__(self, names: list[str], timeout_seconds: float | None) -> None:
+        self.users = 0
+        self.error: BaseException | None = None
+        self.acquired, self.released = threading.Event(), threading.Event()
+        context = contextvars.copy_context()  # Prefect's settings and client context, as the caller has them
+        self.thread = threading.Thread(target=context.run, args=(self._hold, names, timeout_seconds), daemon=True,
+                                       name="a2k-gpu-slot")
+        self.thread.start()
+
+    def _hold(self, names: list[str], timeout_seconds: float | None) -> None:
+        from prefect.concurrency.sync import concurrency
+
+        try:
+            with concurrency(names, occupy=1, timeout_seconds=timeout_seconds):
+                self.acquired.set()
+                self.released.wait()
+        except BaseException as e:  # noqa: BLE001 - raised in every task waiting on this holding
+            self.error = e
+        finally:
+            self.acquired.set()
+
+
+_SHARED: dict[tuple[tuple[str, ...], str], _SharedSlot] = {}
+_SHARED_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
-def gpu_slot(device: Device, timeout_seconds: float | None = None) -> Iterator[list[str]]:
+def gpu_slot(device: Device, timeout_seconds: float | None = None, share_key: str | None = None) -> Iterator[list[str]]:
     """Hold one slot of the global limit `gpu` and the card's own limit (one slot) while using a CUDA device, so
     two flows (say compress-model and classify-images) never share a card unasked; on the CPU, hold nothing.
+
+    Tasks of this process given the same `share_key` (a flow run's id: its shard tasks on one Dask worker, which
+    runs two at a time) share one holding: the second does not wait for the first's slot, and the slot is released
+    when the last of them leaves. Without a key every holder takes its own slot.
 
     Prefect skips (with a warning) a limit that does not exist; the card's limit is created here when missing,
     `gpu` by the flow (`ensure_limit(GPU_LIMIT, cards)`) or by the operator: `prefect gcl create gpu --limit N`.
@@ -163,8 +203,28 @@ def gpu_slot(device: Device, timeout_seconds: float | None = None) -> Iterator[l
 
     names = [GPU_LIMIT, card_limit_name(device)]
     ensure_limit(names[1], 1)  # one GET per shard: cheap beside a shard, and a deleted limit comes back
-    with concurrency(names, occupy=1, timeout_seconds=timeout_seconds):
+    if share_key is None:
+        with concurrency(names, occupy=1, timeout_seconds=timeout_seconds):
+            yield names
+        return
+    key = (tuple(names), share_key)
+    with _SHARED_LOCK:
+        slot = _SHARED.get(key) or _SHARED.setdefault(key, _SharedSlot(names, timeout_seconds))
+        slot.users += 1
+    try:
+        slot.acquired.wait()
+        if slot.error is not None:
+            raise slot.error
         yield names
+    finally:
+        with _SHARED_LOCK:
+            slot.users -= 1
+            last = slot.users == 0
+            if last and _SHARED.get(key) is slot:
+                del _SHARED[key]
+        if last:
+            slot.released.set()
+            slot.thread.join()
 
 
 def ensure_gpu_limit() -> bool:

@@ -48,7 +48,8 @@ def classify_shard_task(
     done = _committed_by_an_earlier_attempt(out, shard, key)
     if done is not None:
         return done
-    with gpu_slot(dev) if take_gpu_slot else contextlib.nullcontext([]) as slots:
+    # shard tasks of this run on one worker (a Dask worker runs two at a time) share the card's slot
+    with gpu_slot(dev, share_key=ctx.run_id) if take_gpu_slot else contextlib.nullcontext([]) as slots:
         worker = shard_classifier(model_dir, weights_sha256, device, batch_size, num_threads, hw_decoder_load,
                                   gpu_memory_gb, model_sms)
         remove_shard_parts(out, part_name(key))  # what an earlier, failed attempt left

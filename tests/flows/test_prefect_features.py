@@ -105,6 +105,42 @@ def test_a_cuda_shard_holds_one_slot_of_gpu_and_of_its_card_and_a_second_holder_
     assert (_active(GPU_LIMIT), _active(names[1])) == (0, 0)
 
 
+def test_shard_tasks_of_one_run_share_the_card_slot_and_others_still_wait(gpu_limit):
+    """A Dask worker runs two shard tasks of a run at once (one's bookkeeping overlapping the other's work): they
+    share one holding of the card's slot, which another flow, or another run's tasks, still wait for."""
+    dev = Device("cuda", 0)
+    first_in, second_in, leave = threading.Event(), threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def task(entered: threading.Event) -> None:
+        try:
+            with gpu_slot(dev, share_key="run-a", timeout_seconds=20):
+                entered.set()
+                leave.wait(60)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            entered.set()
+
+    tasks = [threading.Thread(target=task, args=(first_in,)), threading.Thread(target=task, args=(second_in,))]
+    tasks[0].start()
+    assert first_in.wait(30)
+    tasks[1].start()
+    assert second_in.wait(10), "the run's second task waited for its own run's slot"
+    assert not errors and (_active(GPU_LIMIT), _active(card_limit_name(dev))) == (1, 1)
+    with pytest.raises(TimeoutError):  # another run's shard task on this card
+        with gpu_slot(dev, share_key="run-b", timeout_seconds=2):
+            pass
+    with pytest.raises(TimeoutError):  # another flow (compress-model, say)
+        with gpu_slot(dev, timeout_seconds=2):
+            pass
+    leave.set()
+    for t in tasks:
+        t.join(30)
+    assert (_active(GPU_LIMIT), _active(card_limit_name(dev))) == (0, 0)
+    with gpu_slot(dev, share_key="run-b", timeout_seconds=10):  # free again
+        assert _active(card_limit_name(dev)) == 1
+
+
 def test_without_a_gpu_limit_prefect_skips_it_and_the_card_limit_still_holds(gpu_limit):
     with get_client(sync_client=True) as client:
         client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
