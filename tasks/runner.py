@@ -27,8 +27,9 @@ def make_task_runner(kind: TaskRunnerKind | str, dask_address: str | None, devic
     """The Prefect task runner for the shard tasks (not started); refuses a combination it cannot run.
 
     Dask without an address starts a temporary cluster: `dask_cuda.LocalCUDACluster` (one worker per visible GPU)
-    on CUDA, else a `LocalCluster` of `dask_workers` processes. Every worker runs one task at a time, so the model
-    and the DALI pipeline a worker process keeps (see `tasks.classify.shard.shard_classifier`) serve one shard at a time.
+    on CUDA, else a `LocalCluster` of `dask_workers` processes. A CUDA worker runs two shard tasks at a time (their
+    Prefect bookkeeping overlaps the other's work; the model and DALI pipeline the worker process keeps, see
+    `tasks.classify.shard.shard_classifier`, take one shard at a time); a CPU worker runs one.
     """
     kind = TaskRunnerKind(kind)
     if kind is TaskRunnerKind.LOCAL:
