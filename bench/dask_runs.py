@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     env = _child_env(args.workdir)
     env.pop("PREFECT_API_URL", None)  # each run starts Prefect's temporary server, as a fresh `a2k classify` does
     env |= {"PREFECT_HOME": str(args.workdir / "prefect-home"), "A2K_HOME": str(args.workdir / "a2k-home"),
-            "DASK_DISTRIBUTED__WORKER__DAEMON": "False",
+            "DASK_DISTRIBUTED__WORKER__DAEMON": "False", "CUDA_DEVICE_MAX_CONNECTIONS": "32",
             "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])}
     shard = ["--shard-size", str(args.shard_size)] if args.shard_size else []
     classify("prime", prime, 16, args, env, [])
