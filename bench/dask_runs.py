@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=None, help="a2k's --shard-size (default: a2k's)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/a2k-bench-dask"))
+    p.add_argument("--runs", nargs="+", default=["local", "dask-temporary", "dask-cli-nthreads1", "dask-cli-nthreads2"],
+                   help="which runs (default: all four; local is always first, the ratios' base)")
     p.add_argument("--out", type=Path)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -128,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])}
     shard = ["--shard-size", str(args.shard_size)] if args.shard_size else []
     classify("prime", prime, 16, args, env, [])
-    runs = [classify("local", folder, args.count, args, env, shard),
-            classify("dask-temporary", folder, args.count, args, env, [*shard, "--task-runner", "dask"])]
-    for threads in (1, 2):
+    runs = [classify("local", folder, args.count, args, env, shard)]
+    if "dask-temporary" in args.runs:
+        runs.append(classify("dask-temporary", folder, args.count, args, env, [*shard, "--task-runner", "dask"]))
+    for threads in [t for t in (1, 2) if f"dask-cli-nthreads{t}" in args.runs]:
         address, procs = long_lived_cluster(args.workdir, threads, args.device, env)
         try:
             runs.append(classify(f"dask-cli-nthreads{threads}", folder, args.count, args, env,

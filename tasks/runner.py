@@ -15,7 +15,9 @@ from typing import Any
 from tasks.devices import Device
 
 GPU_LIMIT = "gpu"  # global concurrency limit: one slot per card, shared by every flow that uses a card
-CUDA_WORKER_THREADS = 2  # shard tasks at a time on a temporary dask-cuda cluster's worker (one per card)
+# shard tasks at a time on a temporary dask-cuda cluster's worker (one per card); 2 overlaps one shard's Prefect
+# bookkeeping with the other's work, but measured no faster on one H200 (bench/NOTES.md, "Dask on one card")
+CUDA_WORKER_THREADS = 1
 
 
 class TaskRunnerKind(str, Enum):
