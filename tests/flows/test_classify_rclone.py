@@ -51,6 +51,9 @@ def rclone_bucket(tmp_path, monkeypatch, photos_dir, truncated_jpeg) -> tuple[st
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
         monkeypatch.setenv(key, value)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance kept from an earlier test holds that test's endpoint
     yield "bkt", objects
     server.terminate()
     server.wait(timeout=30)
